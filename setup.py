@@ -1,0 +1,5 @@
+"""Placeholder build: replaced by the CMake-driven extension build."""
+
+from setuptools import setup
+
+setup()
