@@ -1,0 +1,62 @@
+"""``cpsample`` / ``python -m cpsample_fast``: dispatch to one module per subcommand.
+
+Each subcommand module (``cpsample_fast/cli/<name>.py``) exposes ``HELP``,
+``add_arguments(parser)`` and ``main(args) -> int`` (docs/CONTRACTS.md "Command line").
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module name (SPEC §5: at least demo, train-protector, sample, evaluate, bench)
+SUBCOMMANDS = {
+    "demo": "demo",
+    "train-protector": "train_protector",
+    "sample": "sample",
+    "evaluate": "evaluate",
+    "bench": "bench",
+}
+
+
+def _load(module_name: str):
+    """The subcommand's module, or None when it is not part of this build yet."""
+    try:
+        return importlib.import_module(f"cpsample_fast.cli.{module_name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"cpsample_fast.cli.{module_name}":
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cpsample",
+        description="CPSample: diffusion sampling that does not copy its training images.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module_name in SUBCOMMANDS.items():
+        module = _load(module_name)
+        if module is None:
+            p = sub.add_parser(name, help=f"({name}: not available in this version)")
+            p.set_defaults(_module=None, _name=name)
+            continue
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_module=module, _name=name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args._module is None:
+        print(f"cpsample {args._name}: not implemented in this version yet", file=sys.stderr)
+        return 2
+    return int(args._module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

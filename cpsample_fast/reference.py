@@ -1,0 +1,188 @@
+"""The reference CPSample loop: SPEC.md §3 in plain eager PyTorch — the specification in code.
+
+Written the way a straightforward research implementation would be: ``torch.autograd.grad`` of
+each mode's objective (not the closed-form VJP seed the fast path uses, so the two check each
+other), the gate read on the host (``if m.any():``), every model output checked at every step.
+Nothing here imports from ``cpsample_fast.ops``: it stays an independent check of the fast paths.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import noise as _noise
+from .adapters import ModelCaller
+from .trace import SamplingTrace
+from .validation import (
+    check_model_output,
+    check_noise_args,
+    check_protector_output,
+    check_sampling_args,
+    check_shape,
+)
+
+
+def _objective(f: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-sample objective whose x-gradient is the mode's guidance g (SPEC §3 step 4).
+
+    repel: ``log q``; attract: ``-log(1 - q)``; entropy: ``-H(r)``, with ``q = sigmoid(|f|)``.
+    """
+    if mode == "repel":
+        return F.logsigmoid(f.abs())
+    if mode == "attract":
+        return -F.logsigmoid(-f.abs())
+    if mode == "entropy":
+        r = torch.sigmoid(f)
+        return r * F.logsigmoid(f) + (1.0 - r) * F.logsigmoid(-f)
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def _check_finite(tensor: torch.Tensor, what: str, step: int, t: int) -> None:
+    if not torch.isfinite(tensor).all():
+        raise FloatingPointError(
+            f"{what} produced NaN/inf at step {step} (t={t}); check the model and its dtype"
+        )
+
+
+def reference_sample(
+    eps_model,
+    protector,
+    schedule,
+    shape,
+    *,
+    num_inference_steps: int,
+    eta: float = 0.0,
+    scale: float = 0.0,
+    alpha: float = 0.001,
+    mode: str = "repel",
+    seed: int = 0,
+    noise: torch.Tensor | None = None,
+    step_noise: torch.Tensor | None = None,
+    sample_offset: int = 0,
+    return_trace: bool = False,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    guidance_range: tuple[int, int] | None = None,
+    callback=None,
+):
+    """Protected DDIM sampling, SPEC §3 steps 1–7, eagerly and one obvious operation at a time.
+
+    Args:
+        eps_model: ``eps_model(x [B,C,H,W], t int64 [B]) -> [B,C,H,W]`` (ε, v or x0 according
+            to ``schedule.prediction_type``).
+        protector: ``protector(x, t) -> logits [B]``, or None for plain DDIM.
+        schedule: a ``NoiseSchedule``.
+        shape: ``(B, C, H, W)``.
+        num_inference_steps: number of DDIM steps.
+        eta: DDIM η (0 = deterministic DDIM, 1 over all T steps = DDPM ancestral).
+        scale: guidance scale s (0 = plain DDIM).
+        alpha: gate threshold α ∈ (0, 0.5].
+        mode: ``"repel"`` (default), ``"attract"`` or ``"entropy"``.
+        seed: seed of the counter-based noise (SPEC §4) when ``noise``/``step_noise`` are absent.
+        noise: explicit initial ``x_T`` ``[B, C, H, W]``.
+        step_noise: explicit per-step noise ``z`` ``[steps, B, C, H, W]``.
+        sample_offset: global index of the first sample (for the counter-based noise).
+        return_trace: also return a :class:`SamplingTrace`.
+        device: where to run (default: the noise's device, else CPU).
+        dtype: dtype of x_t and the update (float64 for a high-precision reference).
+        guidance_range: optional inclusive ``(t_min, t_max)``; guidance only at those timesteps.
+        callback: optional ``callback(step, t, x)`` after every step.
+
+    Returns:
+        The final images ``[B, C, H, W]``, and the trace when ``return_trace``.
+    """
+    check_sampling_args(
+        schedule,
+        num_inference_steps=num_inference_steps,
+        eta=eta,
+        scale=scale,
+        alpha=alpha,
+        mode=mode,
+    )
+    shape = check_shape(shape)
+    check_noise_args(shape, num_inference_steps, noise, step_noise)
+    if device is None:
+        device = noise.device if noise is not None else torch.device("cpu")
+    B = shape[0]
+    n = num_inference_steps
+    T = int(schedule.num_train_timesteps)
+    guided = protector is not None and scale > 0
+    eps_call = ModelCaller(eps_model)
+    prot_call = ModelCaller(protector) if protector is not None else None
+
+    timesteps = schedule.timesteps(n)
+    alphas_cumprod = schedule.alphas_cumprod.to(device=device, dtype=dtype)
+    final_alpha = schedule.final_alpha_cumprod.to(device=device, dtype=dtype)
+
+    if noise is not None:
+        x = noise.to(device=device, dtype=dtype).clone()
+    else:
+        x = _noise.initial_noise(seed, shape, sample_offset=sample_offset, device=device).to(dtype)
+    trace = SamplingTrace.empty(timesteps, B, device) if return_trace else None
+
+    for k in range(n):
+        t = int(timesteps[k])
+        t_prev = t - T // n
+        a_t = alphas_cumprod[t]
+        a_prev = alphas_cumprod[t_prev] if t_prev >= 0 else final_alpha
+        b_t = 1 - a_t
+        b_prev = 1 - a_prev
+        t_batch = torch.full((B,), t, dtype=torch.long, device=device)
+
+        # 1. the model's prediction, converted to (x̂0, ε) exactly as DDIMScheduler.step does
+        out = check_model_output(eps_call(x, t_batch), x, k, t).to(dtype)
+        _check_finite(out, "eps_model", k, t)
+        if schedule.prediction_type == "epsilon":
+            x0 = (x - b_t ** (0.5) * out) / a_t ** (0.5)
+            eps = out
+        elif schedule.prediction_type == "sample":
+            x0 = out
+            eps = (x - a_t ** (0.5) * x0) / b_t ** (0.5)
+        elif schedule.prediction_type == "v_prediction":
+            x0 = (a_t**0.5) * x - (b_t**0.5) * out
+            eps = (a_t**0.5) * out + (b_t**0.5) * x
+        else:
+            raise ValueError(f"unknown prediction_type {schedule.prediction_type!r}")
+
+        # 2-5. protector, gate, guidance: ε̂ = ε + s·√(1-ᾱ_t)·m·g
+        in_range = guidance_range is None or guidance_range[0] <= t <= guidance_range[1]
+        if guided and in_range:
+            with torch.enable_grad():
+                x_in = x.detach().requires_grad_(True)
+                f = check_protector_output(prot_call(x_in, t_batch), B, k, t).to(dtype)
+                _check_finite(f, "protector", k, t)
+                r = torch.sigmoid(f)
+                m = torch.minimum(r, 1 - r) < alpha
+                if return_trace:
+                    trace.logits[k] = f.detach().float()
+                    trace.confidence[k] = torch.maximum(r, 1 - r).detach().float()
+                    trace.gate[k] = m
+                if m.any():
+                    (g,) = torch.autograd.grad(_objective(f, mode).sum(), x_in)
+                    mask = m.to(dtype).view(B, 1, 1, 1)
+                    guidance = scale * b_t ** (0.5) * mask * g.to(dtype)
+                    eps = eps + guidance
+                    # 6. x̂0 = (x_t - √(1-ᾱ_t) ε̂) / √ᾱ_t, written as a correction of the
+                    # model's own x̂0 so that v- and x0-prediction keep their precision
+                    x0 = x0 - (b_t ** (0.5) / a_t ** (0.5)) * guidance
+        if schedule.clip_sample:
+            r_clip = schedule.clip_sample_range
+            x0 = x0.clamp(-r_clip, r_clip)
+
+        # 7. DDIM update (DDIMScheduler._get_variance and step)
+        variance = (b_prev / b_t) * (1 - a_t / a_prev)
+        std = eta * variance ** (0.5)
+        direction = (1 - a_prev - std**2) ** (0.5) * eps
+        x = a_prev ** (0.5) * x0 + direction
+        if eta > 0:
+            if step_noise is not None:
+                z = step_noise[k].to(device=device, dtype=dtype)
+            else:
+                z = _noise.step_noise(seed, k, shape, sample_offset=sample_offset, device=device)
+            x = x + std * z.to(dtype)
+        _check_finite(x, "the update", k, t)
+        if callback is not None:
+            callback(k, t, x)
+
+    return (x, trace) if return_trace else x
