@@ -1,0 +1,1 @@
+"""Adapters to other libraries' models (diffusers); each imports its library lazily."""
