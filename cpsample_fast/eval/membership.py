@@ -1,0 +1,322 @@
+"""Membership inference: Matsumoto et al.'s reconstruction-error attack (SPEC §6).
+
+Score of an image ``x`` at timestep ``t``: ``‖ε - D(√ᾱ_t x + √(1-ᾱ_t) ε, t)‖²`` (mean over pixels
+and over the chosen timesteps and noise draws), where ``D`` is either the plain denoiser ε or the
+CPSample denoiser ``ε̂ = ε + s·√(1-ᾱ_t)·m·g`` (same protector, α, s and mode as sampling; SPEC §3
+steps 2–5). Members of an overfitted model reconstruct better (lower score). The statistics are
+the paper's Table 3 form — a one-sided two-sample z test of "members have lower error" — plus
+ROC AUC and the TPR at 1% FPR.
+
+Threat models (every result names its own):
+
+- ``"eps"``: white-box access to the raw denoiser ε(x_t, t) (weights or a query oracle at chosen
+  t); the attacker knows the noise schedule and holds the candidate images.
+- ``"eps_hat"``: access only to the deployed CPSample denoiser ε̂ (the protector and its guidance
+  are applied inside the oracle, with the sampling α, s and mode); same attacker knowledge.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..guidance import check_alpha, guidance_seed, mode_id
+from .replication import as_image_batch
+
+THREAT_MODELS = {
+    "eps": (
+        "white-box access to the raw denoiser eps(x_t, t) at attacker-chosen t; attacker knows "
+        "the noise schedule and holds the candidate images (Matsumoto et al. 2023)"
+    ),
+    "eps_hat": (
+        "query access to the deployed CPSample denoiser eps_hat(x_t, t) = eps + "
+        "s*sqrt(1-abar_t)*m*g (protector applied inside, sampling alpha/s/mode); attacker knows "
+        "the noise schedule and holds the candidate images, no access to the raw eps"
+    ),
+}
+
+
+def _alphas_cumprod(schedule) -> torch.Tensor:
+    ac = getattr(schedule, "alphas_cumprod", schedule)
+    if not isinstance(ac, torch.Tensor) or ac.dim() != 1:
+        raise TypeError("schedule must have alphas_cumprod (a tensor [T]) or be that tensor")
+    return ac.float()
+
+
+def _to_epsilon(o, x, sa, s1, prediction_type: str):
+    if prediction_type == "epsilon":
+        return o
+    if prediction_type == "sample":
+        return (x - sa * o) / s1
+    if prediction_type == "v_prediction":
+        return sa * o + s1 * x
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def denoiser_output(
+    eps_model: nn.Module,
+    x_t: torch.Tensor,  # [B, C, H, W]
+    t: torch.Tensor,  # int64 [B]
+    schedule,
+    *,
+    protector: nn.Module | None = None,
+    scale: float = 0.0,
+    alpha: float = 0.5,
+    mode: str = "repel",
+) -> torch.Tensor:
+    """ε (no protector or ``scale = 0``) or the CPSample ε̂ at ``(x_t, t)`` ``[B, C, H, W]``.
+
+    ε̂ = ε + G with G the VJP of the protector's logits with the seed of
+    :func:`cpsample_fast.guidance.guidance_seed` (SPEC §3 step 5).
+    """
+    ac = _alphas_cumprod(schedule).to(x_t.device)
+    a = ac[t][:, None, None, None]
+    sa, s1 = a.sqrt(), (1 - a).sqrt()
+    ptype = getattr(schedule, "prediction_type", "epsilon")
+    with torch.no_grad():
+        eps = _to_epsilon(eps_model(x_t, t), x_t, sa, s1, ptype).float()
+    if protector is None or scale == 0:
+        return eps
+    x = x_t.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = protector(x, t).float()  # [B]
+        # One seed per sample; t is shared within a call, so s·√(1-ᾱ_t) is that of t[0]. Calls
+        # with mixed t pass a per-sample scale (broadcasts the same way).
+        scale_t = float(scale) * s1.flatten()
+        c, _, _ = guidance_seed(logits.detach(), scale_t, alpha, mode)
+        (g,) = torch.autograd.grad(logits, x, grad_outputs=c)
+    return eps + g.float()
+
+
+def reconstruction_errors(
+    eps_model: nn.Module,
+    images,  # [N, C, H, W]
+    schedule,
+    *,
+    timesteps: Sequence[int] = (100,),
+    n_noise: int = 1,
+    seed: int = 0,
+    batch_size: int = 128,
+    protector: nn.Module | None = None,
+    scale: float = 0.0,
+    alpha: float = 0.5,
+    mode: str = "repel",
+) -> torch.Tensor:
+    """Per-image reconstruction errors ``[N, len(timesteps)]`` (mean over pixels and draws).
+
+    Noise for image ``i``, timestep ``k``, draw ``r`` is a pure function of ``(seed, i, k, r)``,
+    so member and non-member sets can be scored in any batch size.
+    """
+    x = as_image_batch(images, "images")
+    ac = _alphas_cumprod(schedule)
+    T = ac.shape[0]
+    ts = [int(t) for t in timesteps]
+    if not ts or any(not 0 <= t < T for t in ts):
+        raise ValueError(f"timesteps must be a non-empty list in [0, {T - 1}], got {list(ts)}")
+    if n_noise < 1:
+        raise ValueError(f"n_noise must be >= 1, got {n_noise}")
+    if protector is not None and scale:
+        check_alpha(alpha)
+        mode_id(mode)
+    device = next(iter(eps_model.parameters()), torch.empty(0)).device
+    out = torch.zeros(x.shape[0], len(ts))
+    for k, t in enumerate(ts):
+        for r in range(n_noise):
+            g = torch.Generator().manual_seed((seed * 1_000_003 + k * 1009 + r) & 0x7FFFFFFFFFFF)
+            noise = torch.randn(x.shape, generator=g)  # [N, C, H, W]
+            for s in range(0, x.shape[0], batch_size):
+                x0 = x[s : s + batch_size].to(device)
+                e = noise[s : s + batch_size].to(device)
+                tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
+                a = ac[t].to(device)
+                xt = a.sqrt() * x0 + (1 - a).sqrt() * e
+                d = denoiser_output(
+                    eps_model,
+                    xt,
+                    tt,
+                    schedule,
+                    protector=protector,
+                    scale=scale,
+                    alpha=alpha,
+                    mode=mode,
+                )
+                out[s : s + batch_size, k] += (e - d).pow(2).flatten(1).mean(1).cpu() / n_noise
+    return out
+
+
+def z_test(member: torch.Tensor, nonmember: torch.Tensor) -> tuple[float, float]:
+    """One-sided two-sample z test that members have the lower mean score.
+
+    ``z = (mean_non - mean_mem) / sqrt(var_mem/n_mem + var_non/n_non)``, ``p = Φ(-z)``
+    (the CPSample paper's Table 3 form). Returns ``(z, p)``.
+    """
+    m, n = member.double(), nonmember.double()
+    if m.numel() < 2 or n.numel() < 2:
+        raise ValueError("the z test needs at least 2 members and 2 non-members")
+    se = math.sqrt(float(m.var()) / m.numel() + float(n.var()) / n.numel())
+    diff = float(n.mean() - m.mean())
+    z = diff / se if se > 0 else (math.inf if diff > 0 else -math.inf if diff < 0 else 0.0)
+    p = 0.5 * math.erfc(z / math.sqrt(2.0))
+    return z, p
+
+
+def roc(
+    member: torch.Tensor, nonmember: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """ROC of the attack "member if score ≤ threshold".
+
+    Returns:
+        ``(fpr, tpr, auc, tpr_at_1pct_fpr)``; AUC counts ties as one half; TPR at 1% FPR is the
+        largest TPR whose FPR ≤ 0.01 (no interpolation, the conservative reading).
+    """
+    s = torch.cat([-member.double(), -nonmember.double()]).numpy()
+    y = np.concatenate([np.ones(member.numel()), np.zeros(nonmember.numel())])
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fpr, tpr, _ = roc_curve(y, s)
+    auc = float(roc_auc_score(y, s))
+    ok = fpr <= 0.01 + 1e-12
+    return fpr, tpr, auc, float(tpr[ok].max()) if ok.any() else 0.0
+
+
+@dataclass
+class MembershipResult:
+    """One attack's outcome.
+
+    Attributes:
+        threat_model: ``"eps"`` or ``"eps_hat"``.
+        threat_model_text: the threat model in words.
+        timesteps: attack timesteps.
+        member_scores / nonmember_scores: per-image error ``[N]`` (mean over timesteps).
+        z, p_value: one-sided z statistic and p-value (members lower).
+        auc, tpr_at_1pct_fpr: ROC summary.
+        per_timestep: the same statistics at each timestep alone.
+        fpr, tpr: ROC curve points.
+        params: denoiser settings (scale, α, mode for ``eps_hat``).
+    """
+
+    threat_model: str
+    threat_model_text: str
+    timesteps: list[int]
+    member_scores: torch.Tensor
+    nonmember_scores: torch.Tensor
+    z: float
+    p_value: float
+    auc: float
+    tpr_at_1pct_fpr: float
+    per_timestep: list[dict] = field(default_factory=list)
+    fpr: np.ndarray | None = None
+    tpr: np.ndarray | None = None
+    params: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-able summary (scores summarised, not listed)."""
+        return {
+            "threat_model": self.threat_model,
+            "threat_model_text": self.threat_model_text,
+            "timesteps": self.timesteps,
+            "n_members": int(self.member_scores.numel()),
+            "n_nonmembers": int(self.nonmember_scores.numel()),
+            "member_error_mean": float(self.member_scores.mean()),
+            "nonmember_error_mean": float(self.nonmember_scores.mean()),
+            "z": self.z,
+            "p_value": self.p_value,
+            "auc": self.auc,
+            "tpr_at_1pct_fpr": self.tpr_at_1pct_fpr,
+            "per_timestep": self.per_timestep,
+            "params": self.params,
+        }
+
+
+def membership_inference(
+    eps_model: nn.Module,
+    members,  # [N, C, H, W]
+    nonmembers,  # [M, C, H, W]
+    schedule,
+    *,
+    timesteps: Sequence[int] = (50, 100, 200),
+    n_noise: int = 1,
+    seed: int = 0,
+    batch_size: int = 128,
+    protector: nn.Module | None = None,
+    scale: float = 0.0,
+    alpha: float = 0.5,
+    mode: str = "repel",
+) -> MembershipResult:
+    """Run the reconstruction-error attack through ε, or through ε̂ when a protector is given.
+
+    Args:
+        eps_model: the ε-model ``(x, t) -> [B, C, H, W]``.
+        members: training images ``[N, C, H, W]``.
+        nonmembers: images never trained on, same shape.
+        schedule: ``NoiseSchedule`` (or ``alphas_cumprod``); ``prediction_type`` is honoured.
+        timesteps: training-schedule timesteps to attack at (scores are averaged over them).
+        n_noise: noise draws per image and timestep.
+        seed: noise seed (members and non-members use disjoint draws of one stream).
+        batch_size: images per model call.
+        protector: CPSample protector; with ``scale > 0`` the attack goes through ε̂.
+        scale, alpha, mode: CPSample's s, α and guidance mode (as used for sampling).
+    """
+    mem = as_image_batch(members, "members")
+    non = as_image_batch(nonmembers, "nonmembers")
+    if mem.shape[1:] != non.shape[1:]:
+        raise ValueError(
+            f"members and nonmembers must share the image shape, got {tuple(mem.shape[1:])} and "
+            f"{tuple(non.shape[1:])}"
+        )
+    kw = dict(
+        timesteps=timesteps,
+        n_noise=n_noise,
+        batch_size=batch_size,
+        protector=protector,
+        scale=scale,
+        alpha=alpha,
+        mode=mode,
+    )
+    em = reconstruction_errors(eps_model, mem, schedule, seed=seed, **kw)
+    en = reconstruction_errors(eps_model, non, schedule, seed=seed + 1_000_003, **kw)
+    threat = "eps_hat" if protector is not None and scale else "eps"
+    per = []
+    for k, t in enumerate(timesteps):
+        z, p = z_test(em[:, k], en[:, k])
+        _, _, auc, tpr1 = roc(em[:, k], en[:, k])
+        per.append({"t": int(t), "z": z, "p_value": p, "auc": auc, "tpr_at_1pct_fpr": tpr1})
+    ms, ns = em.mean(1), en.mean(1)
+    z, p = z_test(ms, ns)
+    fpr, tpr, auc, tpr1 = roc(ms, ns)
+    params = {"n_noise": n_noise, "seed": seed}
+    if threat == "eps_hat":
+        params.update(scale=float(scale), alpha=float(alpha), mode=mode)
+    return MembershipResult(
+        threat_model=threat,
+        threat_model_text=THREAT_MODELS[threat],
+        timesteps=[int(t) for t in timesteps],
+        member_scores=ms,
+        nonmember_scores=ns,
+        z=z,
+        p_value=p,
+        auc=auc,
+        tpr_at_1pct_fpr=tpr1,
+        per_timestep=per,
+        fpr=fpr,
+        tpr=tpr,
+        params=params,
+    )
+
+
+def save_roc(results: Sequence[MembershipResult], path) -> None:
+    """ROC PNG of one or more attacks (labelled by threat model)."""
+    from .plots import save_roc_png
+
+    curves = {}
+    for r in results:
+        name = r.threat_model
+        if r.params.get("scale"):
+            name += f" (s={r.params['scale']:g}, a={r.params['alpha']:g})"
+        curves[name] = (r.fpr, r.tpr, r.auc)
+    save_roc_png(curves, path, title="reconstruction-error membership attack")

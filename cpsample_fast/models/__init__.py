@@ -1,0 +1,19 @@
+"""ε-models for tests and the demo: the exact empirical denoiser and a small trainable UNet."""
+
+from .digits import digits_split, load_digits_unet
+from .empirical import EmpiricalDenoiser
+from .train import TrainReport, load_checkpoint, save_checkpoint, train_diffusion
+from .unet import UNET_CONFIGS, SmallUNet, UNetConfig
+
+__all__ = [
+    "UNET_CONFIGS",
+    "EmpiricalDenoiser",
+    "SmallUNet",
+    "TrainReport",
+    "UNetConfig",
+    "digits_split",
+    "load_checkpoint",
+    "load_digits_unet",
+    "save_checkpoint",
+    "train_diffusion",
+]
