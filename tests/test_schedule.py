@@ -343,3 +343,32 @@ def test_eta_is_validated():
     with pytest.raises(TypeError, match="eta"):
         sched.step_coefficients(10, "0.5")
     assert torch.isfinite(sched.step_coefficients(10, np.float64(0.5))["sigma"]).all()
+
+
+def test_eta_one_over_all_steps_is_ddpm_ancestral():
+    """η = 1 with n = T is DDPM's ancestral step (SPEC §3): same posterior mean and variance."""
+    ours = NoiseSchedule.cosine()
+    ddpm = DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="fixed_small")
+    c = {k: v.double() for k, v in ours.step_coefficients(T, 1.0).items()}
+    t = ours.timesteps(T)
+    assert torch.equal(t, torch.arange(T - 1, -1, -1))
+    # x_{t-1} = sp·x0 + d·(x_t - sa·x0)/s1 + σz  =  (sp - d·sa/s1)·x0 + (d/s1)·x_t + σz
+    coef_x0 = c["sqrt_alpha_prev"] - c["dir_coef"] * c["sqrt_alpha"] / c["sqrt_one_minus_alpha"]
+    coef_xt = c["dir_coef"] / c["sqrt_one_minus_alpha"]
+    a = ours.alphas_cumprod.double().flip(0)  # ᾱ_t in loop order
+    a_prev = torch.cat([a[1:], torch.ones(1, dtype=torch.float64)])
+    beta_t = 1 - a / a_prev
+    want_x0 = a_prev.sqrt() * beta_t / (1 - a)
+    want_xt = (1 - beta_t).sqrt() * (1 - a_prev) / (1 - a)
+    want_var = torch.stack([ddpm._get_variance(int(s)) for s in t]).double()
+    # Both coefficients multiply O(1) images, so absolute error is the meaningful measure; the
+    # float32 cancellations in d = √(1-ᾱ'-σ²) and sp - d·sa/s1 leave 3.2e-5 (the same formulas
+    # in float64 from the same ᾱ agree to 1.2e-13, so this is rounding, not a math mismatch).
+    err_x0 = (coef_x0 - want_x0).abs().max().item()
+    err_xt = (coef_xt - want_xt).abs().max().item()
+    # The last step (t = 0) has σ = 0 here and DDPM's variance clamped to 1e-20.
+    err_var = ((c["sigma"][:-1] ** 2 - want_var[:-1]).abs() / want_var[:-1]).max().item()
+    print(f"DDPM coefficient errors: |Δx0 coef| {err_x0:.3e}, |Δx_t coef| {err_xt:.3e}, ", end="")
+    print(f"variance rel {err_var:.3e}")
+    assert err_x0 < 1e-4 and err_xt < 1e-4 and err_var < 1e-5
+    assert c["sigma"][-1] == 0 and want_var[-1] <= 1e-20
