@@ -137,6 +137,9 @@ class NoiseSchedule:
         self.num_train_timesteps = int(num_train_timesteps)
         self.beta_start = _check_real("beta_start", beta_start)
         self.beta_end = _check_real("beta_end", beta_end)
+        for name, value in (("beta_start", self.beta_start), ("beta_end", self.beta_end)):
+            if value < 0:  # scaled_linear takes √β: a negative β would turn complex
+                raise ValueError(f"{name} must be >= 0, got {value}")
         self.beta_schedule = _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
         for name, value in (("clip_sample", clip_sample), ("set_alpha_to_one", set_alpha_to_one)):
             if not _is_bool(value):

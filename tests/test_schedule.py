@@ -305,6 +305,7 @@ def test_from_config_refuses_unknown_keys():
         ({"beta_end": "0.02"}, TypeError, "beta_end"),
         ({"beta_end": 1.5}, ValueError, "beta_start/beta_end"),
         ({"beta_start": 0.0}, ValueError, "beta_start/beta_end"),
+        ({"beta_schedule": "scaled_linear", "beta_start": -0.1}, ValueError, "beta_start"),
         ({"trained_betas": [0.1] * 999}, ValueError, "trained_betas"),
         ({"trained_betas": [0.1] * 999 + [1.0]}, ValueError, "trained_betas"),
         ({"trained_betas": [[0.1] * 1000]}, ValueError, "trained_betas"),
