@@ -1,5 +1,128 @@
-"""Placeholder build: replaced by the CMake-driven extension build."""
+"""Build of the extension cpsample_fast._C, driven by CMake (CMakeLists.txt).
 
-from setuptools import setup
+`python setup.py build_ext --inplace` (`make build`) and
+`pip install --no-build-isolation -e ".[test]"` both put `_C*.so` into `cpsample_fast/`.
 
-setup()
+The C++ CPU kernels are always built. The CUDA kernels are built when torch has CUDA
+(`torch.version.cuda`) and nvcc is found (`$CUDA_HOME/bin/nvcc`, `/usr/local/cuda/bin/nvcc`,
+or `nvcc` on PATH). Environment overrides:
+
+- `CPSAMPLE_BUILD_CUDA=1` forces the CUDA part (fails without nvcc), `=0` skips it.
+- `CPSAMPLE_CPU_ARCH=x86-64-v3` (or `native` for a local build) sets `-march`; the default is the
+  compiler's portable baseline, as a wheel needs.
+- `CPSAMPLE_CUDA_ARCHS="80;90"` sets the CUDA architectures (CMake list).
+- `CMAKE_BUILD_PARALLEL_LEVEL` sets the build jobs (default 2).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    """An extension whose sources CMake knows; setuptools only sees its name."""
+
+    def __init__(self, name: str, source_dir: Path = ROOT) -> None:
+        super().__init__(name, sources=[])
+        self.source_dir = str(source_dir)
+
+
+def _find_nvcc() -> str | None:
+    """Returns the nvcc to use, or None: $CUDA_HOME first, then /usr/local/cuda, then PATH."""
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cuda_decision(torch_cuda: str | None, nvcc: str | None) -> tuple[bool, str]:
+    """Decides whether to build the CUDA part. Returns (build_cuda, one-line reason)."""
+    forced = os.environ.get("CPSAMPLE_BUILD_CUDA", "").strip().lower()
+    if forced in ("0", "off", "false", "no"):
+        return False, "CPSAMPLE_BUILD_CUDA=0"
+    if forced in ("1", "on", "true", "yes"):
+        if nvcc is None:
+            raise RuntimeError(
+                "CPSAMPLE_BUILD_CUDA=1 but nvcc was not found: set CUDA_HOME to the CUDA toolkit"
+            )
+        return True, f"forced by CPSAMPLE_BUILD_CUDA=1 (nvcc {nvcc})"
+    if forced:
+        raise ValueError(f"CPSAMPLE_BUILD_CUDA must be 0 or 1, got {forced!r}")
+    if torch_cuda is None:
+        return False, "torch is a CPU-only build (torch.version.cuda is None)"
+    if nvcc is None:
+        return False, f"torch has CUDA {torch_cuda} but nvcc was not found (set CUDA_HOME)"
+    return True, f"torch CUDA {torch_cuda}, nvcc {nvcc}"
+
+
+class CMakeBuild(build_ext):
+    """Configures and builds CMakeLists.txt with Ninja into the extension's output folder."""
+
+    def build_extension(self, ext: Extension) -> None:
+        if not isinstance(ext, CMakeExtension):
+            super().build_extension(ext)
+            return
+        import pybind11
+        import torch.utils
+
+        start = time.perf_counter()
+        out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+
+        nvcc = _find_nvcc()
+        build_cuda, reason = _cuda_decision(torch.version.cuda, nvcc)
+        parts = "C++ CPU + CUDA" if build_cuda else "C++ CPU only"
+        print(f"cpsample_fast: building {parts} extension: {reason}", flush=True)
+
+        prefix_path = ";".join([torch.utils.cmake_prefix_path, pybind11.get_cmake_dir()])
+        args = [
+            f"-DCMAKE_PREFIX_PATH={prefix_path}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
+            f"-DCPSAMPLE_BUILD_CUDA={'ON' if build_cuda else 'OFF'}",
+            f"-DCPSAMPLE_CPU_ARCH={os.environ.get('CPSAMPLE_CPU_ARCH', '')}",
+        ]
+        if build_cuda:
+            args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+            if os.environ.get("CPSAMPLE_CUDA_ARCHS"):
+                args.append(f"-DCPSAMPLE_CUDA_ARCHS={os.environ['CPSAMPLE_CUDA_ARCHS']}")
+        ninja = shutil.which("ninja")
+        if ninja is None:
+            try:
+                import ninja as ninja_pkg
+
+                ninja = str(Path(ninja_pkg.BIN_DIR) / "ninja")
+            except ImportError:
+                ninja = None
+        if ninja is not None:
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        cmake = shutil.which("cmake")
+        if cmake is None:
+            raise RuntimeError("cmake not found: pip install cmake (CMake >= 3.18 is needed)")
+
+        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2")
+        subprocess.run([cmake, "-S", ext.source_dir, "-B", str(build_dir), *args], check=True)
+        subprocess.run(
+            [cmake, "--build", str(build_dir), "--config", "Release", "--parallel", jobs],
+            check=True,
+        )
+        print(
+            f"cpsample_fast: built {parts} extension in {time.perf_counter() - start:.1f} s",
+            flush=True,
+        )
+
+
+setup(
+    ext_modules=[CMakeExtension("cpsample_fast._C")],
+    cmdclass={"build_ext": CMakeBuild},
+)

@@ -1,0 +1,131 @@
+// Per-element math of one CPSample step, shared by the C++ CPU and the CUDA builds.
+//
+// No torch headers here: nvcc compiles this alone (`make check-cuda`) and the CPU kernel includes
+// it in a torch-free translation unit. Everything is float32 arithmetic in the operation order of
+// docs/CONTRACTS.md "The fused update", so the CPU kernel (built with -ffp-contract=off) rounds
+// exactly like the float32 torch evaluation of the same formula.
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define CPSAMPLE_HD __host__ __device__ __forceinline__
+#else
+#define CPSAMPLE_HD inline
+#endif
+
+#if !defined(__CUDACC__)
+#include <math.h>
+#endif
+
+namespace cpsample {
+
+// Prediction types, as the integers passed through the bindings (docs/CONTRACTS.md).
+enum PredictionType : int { kEpsilon = 0, kVPrediction = 1, kSample = 2 };
+
+// Philox4x32-10 constants, identical to triton.language.random.philox (and Random123).
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
+constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
+constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
+constexpr int kPhiloxRounds = 10;
+
+// Counter word c3: which stream a normal belongs to.
+constexpr uint32_t kStreamStep = 0;     // per-step noise z
+constexpr uint32_t kStreamInitial = 1;  // initial noise x_T
+
+struct PhiloxOut {
+  uint32_t w0, w1, w2, w3;
+};
+
+CPSAMPLE_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+// Ten Philox rounds on counter (c0, c1, c2, c3) with key (k0, k1), in the order of Triton's
+// philox_impl: the key is raised after every round.
+CPSAMPLE_HD PhiloxOut philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                    uint32_t k0, uint32_t k1) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    const uint32_t a0 = c0;
+    const uint32_t a2 = c2;
+    c0 = mulhi32(kPhiloxRoundB, a2) ^ c1 ^ k0;
+    c2 = mulhi32(kPhiloxRoundA, a0) ^ c3 ^ k1;
+    c1 = kPhiloxRoundB * a2;
+    c3 = kPhiloxRoundA * a0;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  return PhiloxOut{c0, c1, c2, c3};
+}
+
+// Triton's uint_to_uniform_float for 32-bit words: bitcast to int32, x < 0 -> ~x, times the
+// largest scale with INT32_MAX * scale < 1 in float32. Result in [0, 1).
+CPSAMPLE_HD float uint_to_uniform_float(uint32_t w) {
+  int32_t x = static_cast<int32_t>(w);
+  x = x < 0 ? ~x : x;
+  return static_cast<float>(x) * 4.6566127342e-10f;
+}
+
+// Box-Muller, first output only, as Triton's pair_uniform_to_normal (float32 throughout).
+CPSAMPLE_HD float box_muller(float u1, float u2) {
+  u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
+  const float th = 6.283185307179586f * u2;
+  const float r = sqrtf(-2.0f * logf(u1));
+  return r * cosf(th);
+}
+
+// The standard normal for (seed, sample index i, step k, element j, stream). With step = 0 and
+// stream = 0 it equals tl.randn(seed, (i << 32) | j) in Triton 3.8.
+CPSAMPLE_HD float philox_normal(uint64_t seed, uint32_t sample_index, uint32_t step,
+                                uint32_t stream, uint32_t element) {
+  const PhiloxOut w =
+      philox4x32_10(element, sample_index, step, stream, static_cast<uint32_t>(seed & 0xffffffffu),
+                    static_cast<uint32_t>(seed >> 32));
+  return box_muller(uint_to_uniform_float(w.w0), uint_to_uniform_float(w.w1));
+}
+
+// Step coefficients, in the order of the `coefs` tensor [6] of the bindings.
+struct StepCoefs {
+  float sa;     // sqrt(alpha_bar_t)
+  float s1;     // sqrt(1 - alpha_bar_t)
+  float sp;     // sqrt(alpha_bar_prev)
+  float d;      // sqrt(1 - alpha_bar_prev - sigma^2)
+  float sigma;  // eta * ... (SPEC §3 step 7)
+  float clip;   // clip_sample_range
+};
+
+// docs/CONTRACTS.md "The fused update" for one element. `g` is the guidance term (0 when absent),
+// `z` the noise (0 when absent). P and CLIP are compile-time so the CPU loop vectorises.
+template <int P, bool CLIP>
+CPSAMPLE_HD float guided_update_element(float x, float o, float g, float z, const StepCoefs& c) {
+  float x0;
+  float eps;
+  if (P == kEpsilon) {
+    eps = o;
+    x0 = (x - c.s1 * o) / c.sa;
+  } else if (P == kSample) {
+    x0 = o;
+    eps = (x - c.sa * o) / c.s1;
+  } else {  // kVPrediction
+    x0 = c.sa * x - c.s1 * o;
+    eps = c.sa * o + c.s1 * x;
+  }
+  const float eps_hat = eps + g;
+  float x0_hat = x0 - (c.s1 / c.sa) * g;
+  if (CLIP) {
+    // fminf/fmaxf would turn NaN into the bound; this keeps NaN as torch.clamp does.
+    x0_hat = x0_hat < -c.clip ? -c.clip : x0_hat;
+    x0_hat = x0_hat > c.clip ? c.clip : x0_hat;
+  }
+  return c.sp * x0_hat + c.d * eps_hat + c.sigma * z;
+}
+
+}  // namespace cpsample
