@@ -1,0 +1,124 @@
+"""Membership attack: z test, ROC, the ε̂ denoiser against autograd of the mode objective."""
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import norm
+
+from cpsample_fast.eval import membership_inference, z_test
+from cpsample_fast.eval.membership import denoiser_output, roc, save_roc
+from cpsample_fast.models import EmpiricalDenoiser
+from cpsample_fast.schedule import NoiseSchedule
+
+
+class TinyProtector(torch.nn.Module):
+    """A per-sample linear classifier with a time term (no batch mixing)."""
+
+    def __init__(self, d):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(d))
+
+    def forward(self, x, t):
+        return 3.0 * x.flatten(1) @ self.w + t.float() / 1000
+
+
+def test_z_test_and_roc():
+    torch.manual_seed(0)
+    m, n = torch.randn(40) - 1.0, torch.randn(53)
+    z, p = z_test(m, n)
+    se = math.sqrt(m.double().var() / 40 + n.double().var() / 53)
+    want = float(n.double().mean() - m.double().mean()) / se
+    print("z", z, "want", want, "p", p)
+    assert z == pytest.approx(want, rel=1e-9)
+    assert p == pytest.approx(norm.sf(want), rel=1e-6)
+    _, _, auc, tpr = roc(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0, 4.0]))
+    assert auc == 1.0 and tpr == 1.0
+    _, _, auc, _ = roc(torch.tensor([5.0, 6.0]), torch.tensor([2.0, 3.0]))
+    assert auc == 0.0
+    with pytest.raises(ValueError, match="at least 2"):
+        z_test(torch.ones(1), torch.ones(5))
+
+
+@pytest.mark.parametrize("mode", ["repel", "attract", "entropy"])
+def test_eps_hat_matches_autograd_of_objective(mode):
+    s = NoiseSchedule()
+    torch.manual_seed(2)
+    images = torch.rand(5, 1, 3, 3) * 2 - 1
+    eps_model = EmpiricalDenoiser(images, s)
+    prot = TinyProtector(9)
+    x = torch.randn(3, 1, 3, 3)
+    t = torch.full((3,), 300, dtype=torch.long)
+    scale, alpha = 7.0, 0.5
+    got = denoiser_output(eps_model, x, t, s, protector=prot, scale=scale, alpha=alpha, mode=mode)
+    # Independent form: gradient of the mode's objective (SPEC §3 step 4).
+    xr = x.clone().requires_grad_(True)
+    f = prot(xr, t)
+    r = torch.sigmoid(f)
+    ls = torch.nn.functional.logsigmoid
+    obj = {
+        "repel": ls(f.abs()),
+        "attract": -ls(-f.abs()),
+        "entropy": r * r.log() + (1 - r) * (1 - r).log(),
+    }[mode]
+    (g,) = torch.autograd.grad(obj.sum(), xr)
+    m = (torch.sigmoid(-f.abs()) < alpha).float()[:, None, None, None]
+    s1 = (1 - s.alphas_cumprod[300]).sqrt()
+    want = eps_model(x, t) + scale * s1 * m * g
+    err = (got - want).abs().max().item()
+    print(mode, "max error:", err, "gate", m.flatten())
+    assert err < 1e-4
+    plain = denoiser_output(eps_model, x, t, s)
+    assert torch.equal(plain, eps_model(x, t))
+
+
+def test_attack_separates_members_of_empirical_denoiser(tmp_path):
+    s = NoiseSchedule()
+    torch.manual_seed(0)
+    members, nonmembers = torch.rand(9, 1, 4, 4) * 2 - 1, torch.rand(7, 1, 4, 4) * 2 - 1
+    model = EmpiricalDenoiser(members, s)
+    r = membership_inference(model, members, nonmembers, s, timesteps=(50, 150), batch_size=4)
+    print(r.to_dict())
+    assert r.threat_model == "eps" and "white-box" in r.threat_model_text
+    assert r.auc == 1.0 and r.z > 3 and r.p_value < 1e-3
+    assert len(r.per_timestep) == 2
+    prot = TinyProtector(16)
+    rh = membership_inference(
+        model, members, nonmembers, s, timesteps=(50,), protector=prot, scale=10.0, alpha=0.5
+    )
+    assert rh.threat_model == "eps_hat" and rh.params["scale"] == 10.0
+    save_roc([r, rh], tmp_path / "roc.png")
+    assert Image.open(tmp_path / "roc.png").size[0] > 50
+
+
+def test_batch_size_does_not_change_scores():
+    s = NoiseSchedule()
+    torch.manual_seed(0)
+    imgs = torch.rand(5, 1, 4, 4) * 2 - 1
+    model = EmpiricalDenoiser(imgs[:3], s)
+    from cpsample_fast.eval import reconstruction_errors
+
+    a = reconstruction_errors(model, imgs, s, timesteps=(10, 400), batch_size=5)
+    b = reconstruction_errors(model, imgs, s, timesteps=(10, 400), batch_size=2)
+    assert a.shape == (5, 2)
+    assert (a - b).abs().max() < 1e-6
+
+
+def test_bad_input():
+    s = NoiseSchedule()
+    model = EmpiricalDenoiser(torch.zeros(2, 1, 4, 4), s)
+    ok = torch.zeros(3, 1, 4, 4)
+    with pytest.raises(ValueError, match="same image shape|share the image shape"):
+        membership_inference(model, ok, torch.zeros(3, 1, 4, 5), s)
+    with pytest.raises(ValueError, match="members is empty"):
+        membership_inference(model, torch.zeros(0, 1, 4, 4), ok, s)
+    with pytest.raises(ValueError, match="timesteps"):
+        membership_inference(model, ok, ok, s, timesteps=(1000,))
+    with pytest.raises(ValueError, match="alpha"):
+        membership_inference(model, ok, ok, s, protector=TinyProtector(16), scale=1.0, alpha=0.9)
+    bad = ok.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        membership_inference(model, ok, bad, s)
