@@ -1,0 +1,313 @@
+"""``cpsample::guided_update``: the fused step ``x_t → x_{t'}`` as one functional torch.library op.
+
+The op (SPEC §3 steps 5–7, docs/CONTRACTS.md "The fused update") is opaque to
+``torch.compile``: a compiled sampler calls it as one node, and it dispatches at run time to the
+backend named by its ``backend`` argument:
+
+- ``"torch"``:  pure PyTorch (``_torch.py``), the specification of the kernels;
+- ``"triton"``: ``_triton.py`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
+- ``"cpp"``:    the C++ CPU kernel of ``cpsample_fast._C`` (``make build``);
+- ``"cuda"``:   the CUDA kernel of ``cpsample_fast._C`` (built with a CUDA toolkit);
+- ``"auto"``:   CUDA tensors → triton, else cuda, else torch; CPU tensors → cpp, else torch.
+
+``coefs`` and ``rng`` are device tensors so neither a new step nor a CUDA-graph replay needs the
+host, and compiled code never recompiles per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _torch
+from . import _triton as _triton_impl
+
+BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
+PREDICTION_TYPES = {"epsilon": 0, "v_prediction": 1, "sample": 2}
+NUM_COEFS = 6  # sa, s1, sp, d, sigma, clip_range
+NUM_RNG = 3  # seed, step, sample_offset
+_MAX_NUMEL_PER_SAMPLE = 1 << 32  # Philox counter word c0 is 32 bits
+
+_BUILD_HINT = (
+    "build it with `make build` (python setup.py build_ext --inplace), or pass backend='torch'"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (metadata only: no host sync, traceable by dynamo)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_like_x(t: torch.Tensor, name: str, x: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"guided_update: {name} must be a tensor or None, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"guided_update: {name} must be float32, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"guided_update: {name} must be on {x.device} like x, got {t.device}")
+    if t.shape != x.shape:
+        raise ValueError(
+            f"guided_update: {name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}"
+        )
+    if not t.is_contiguous():
+        raise ValueError(f"guided_update: {name} must be contiguous (call .contiguous())")
+
+
+def _check_small(
+    t: torch.Tensor, name: str, dtype: torch.dtype, numel: int, x: torch.Tensor, what: str
+) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"guided_update: {name} must be a {dtype} tensor [{numel}] {what}")
+    if t.dtype != dtype:
+        raise TypeError(f"guided_update: {name} must be {dtype} {what}, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != numel:
+        raise ValueError(
+            f"guided_update: {name} must have shape [{numel}] {what}, got {tuple(t.shape)}"
+        )
+    if t.device != x.device:
+        raise ValueError(
+            f"guided_update: {name} must be on {x.device} like x (kernels read it there without "
+            f"a host sync), got {t.device}"
+        )
+    if not t.is_contiguous():
+        raise ValueError(f"guided_update: {name} must be contiguous")
+
+
+def check_guided_update_args(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    guidance: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    coefs: torch.Tensor,
+    rng: torch.Tensor,
+    prediction_type: int,
+    clip_sample: bool,
+    draw_noise: bool,
+    backend: str,
+) -> None:
+    """Validate the op's arguments; raise ``TypeError``/``ValueError`` naming the bad one."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"guided_update: x must be a tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"guided_update: x must be float32, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("guided_update: x must have a batch dimension [B, ...], got a 0-d tensor")
+    if not x.is_contiguous():
+        raise ValueError("guided_update: x must be contiguous (call .contiguous())")
+    _check_like_x(model_out, "model_out", x)
+    if guidance is not None:
+        _check_like_x(guidance, "guidance", x)
+    if noise is not None:
+        _check_like_x(noise, "noise", x)
+    _check_small(coefs, "coefs", torch.float32, NUM_COEFS, x, "(sa, s1, sp, d, sigma, clip_range)")
+    _check_small(rng, "rng", torch.int64, NUM_RNG, x, "(seed, step, sample_offset)")
+    if isinstance(prediction_type, bool) or not isinstance(prediction_type, int):
+        raise TypeError(f"guided_update: prediction_type must be an int, got {prediction_type!r}")
+    if prediction_type not in PREDICTION_TYPES.values():
+        raise ValueError(
+            "guided_update: prediction_type must be 0 (epsilon), 1 (v_prediction) or 2 (sample), "
+            f"got {prediction_type}"
+        )
+    if not isinstance(clip_sample, bool):
+        raise TypeError(f"guided_update: clip_sample must be a bool, got {clip_sample!r}")
+    if not isinstance(draw_noise, bool):
+        raise TypeError(f"guided_update: draw_noise must be a bool, got {draw_noise!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"guided_update: backend must be one of {BACKENDS}, got {backend!r}")
+    n = x[0].numel() if x.shape[0] > 0 else 0
+    if n >= _MAX_NUMEL_PER_SAMPLE:
+        raise ValueError(
+            f"guided_update: a sample of x has {n} elements; the Philox element counter allows "
+            "fewer than 2**32"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend resolution
+# ---------------------------------------------------------------------------------------------
+
+
+def _get_ext():
+    """The compiled ``cpsample_fast._C`` module, or None when it is not built."""
+    try:
+        from . import _ext
+    except ImportError:
+        return None
+    return _ext.get_ext()
+
+
+def _ext_has_cuda(ext) -> bool:
+    info = getattr(ext, "build_info", None)
+    return bool(info is not None and info().get("cuda", False))
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Concrete backends that can run the fused ops on tensors of ``device``, best first.
+
+    The first entry is what ``backend="auto"`` picks. ``"triton"`` on CPU (the interpreter, for
+    tests) is listed last: it is far slower than the others.
+    """
+    device = torch.device(device)
+    ext = _get_ext()
+    names: list[str] = []
+    if device.type == "cuda":
+        if _triton_impl.supports_device(device):
+            names.append("triton")
+        if ext is not None and _ext_has_cuda(ext):
+            names.append("cuda")
+        names.append("torch")
+    elif device.type == "cpu":
+        if ext is not None:
+            names.append("cpp")
+        names.append("torch")
+        if _triton_impl.supports_device(device):
+            names.append("triton")
+    else:
+        names.append("torch")
+    return names
+
+
+_RESOLVED: dict[tuple[str, str], str] = {}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for ``backend`` on ``device``; raise if it cannot run there."""
+    key = (backend, device.type)
+    name = _RESOLVED.get(key)
+    if name is not None:
+        return name
+    if backend == "auto":
+        name = available_backends(device)[0]
+    elif backend == "torch":
+        name = "torch"
+    elif backend == "triton":
+        if not _triton_impl.has_triton():
+            raise RuntimeError("backend='triton' needs Triton (pip install triton)")
+        if not _triton_impl.supports_device(device):
+            raise RuntimeError(
+                f"backend='triton' cannot run on {device.type} tensors here: it needs CUDA tensors "
+                "(or CPU tensors with TRITON_INTERPRET=1 set before cpsample_fast is imported)"
+            )
+        name = "triton"
+    elif backend in ("cpp", "cuda"):
+        want = "cpu" if backend == "cpp" else "cuda"
+        if device.type != want:
+            raise ValueError(
+                f"backend={backend!r} runs on {want} tensors, got tensors on {device}; use "
+                "backend='auto'"
+            )
+        ext = _get_ext()
+        if ext is None:
+            raise RuntimeError(
+                f"backend={backend!r} needs the compiled extension cpsample_fast._C, which is not "
+                f"built; {_BUILD_HINT}"
+            )
+        if backend == "cuda" and not _ext_has_cuda(ext):
+            raise RuntimeError(
+                "backend='cuda' needs cpsample_fast._C built with its CUDA part (a CUDA toolkit "
+                f"and a CUDA-enabled torch at build time); {_BUILD_HINT}"
+            )
+        name = backend
+    else:
+        raise ValueError(f"guided_update: backend must be one of {BACKENDS}, got {backend!r}")
+    _RESOLVED[key] = name
+    return name
+
+
+def _run_ext(x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise):
+    ext = _get_ext()
+    if ext is None:  # resolved earlier, but the module may have been unloaded since
+        raise RuntimeError(f"cpsample_fast._C is not built; {_BUILD_HINT}")
+    return ext.guided_update(
+        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise
+    )
+
+
+_IMPLS = {
+    "torch": _torch.guided_update,
+    "triton": _triton_impl.guided_update,
+    "cpp": _run_ext,
+    "cuda": _run_ext,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The op
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "cpsample::guided_update",
+    mutates_args=(),
+    schema=(
+        "(Tensor x, Tensor model_out, Tensor? guidance, Tensor? noise, Tensor coefs, Tensor rng, "
+        "int prediction_type, bool clip_sample, bool draw_noise, str backend) -> Tensor"
+    ),
+)
+def _guided_update_op(
+    x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend
+):
+    check_guided_update_args(
+        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend
+    )
+    impl = _IMPLS[resolve_backend(backend, x.device)]
+    return impl(x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise)
+
+
+@_guided_update_op.register_fake
+def _guided_update_fake(
+    x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend
+):
+    check_guided_update_args(
+        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend
+    )
+    return torch.empty_like(x)
+
+
+def guided_update(
+    x: torch.Tensor,  # [B, ...] float32 contiguous, x_t
+    model_out: torch.Tensor,  # [B, ...] float32, raw eps-model output
+    guidance: torch.Tensor | None,  # [B, ...] float32 guidance term G (already scaled) or None
+    noise: torch.Tensor | None,  # [B, ...] float32 explicit z or None
+    coefs: torch.Tensor,  # [6] float32 on x's device: (sa, s1, sp, d, sigma, clip_range)
+    rng: torch.Tensor,  # [3] int64 on x's device: (seed, step k, sample_offset)
+    *,
+    prediction_type: int | str,
+    clip_sample: bool,
+    draw_noise: bool,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused CPSample update ``x_t → x_{t'}`` (SPEC §3 steps 5–7; docs/CONTRACTS.md).
+
+    Computes ``ε̂ = ε + G``, ``x̂0 = x0 - (s1/sa)·G`` (clipped to ±clip_range when
+    ``clip_sample``) and ``x_{t'} = sp·x̂0 + d·ε̂ + σ·z`` per element in float32, where
+    ``(x0, ε)`` come from ``model_out`` by ``prediction_type``.
+
+    Args:
+        x: ``[B, ...]`` float32 contiguous.
+        model_out: like ``x``: the eps-model output (ε, v or x0 per ``prediction_type``).
+        guidance: like ``x``: the guidance term ``G = s·√(1-ᾱ_t)·m·g``, or None for 0.
+        noise: like ``x``: explicit ``z``; takes precedence over ``draw_noise``.
+        coefs: float32 ``[6]`` on ``x.device``: ``(√ᾱ_t, √(1-ᾱ_t), √ᾱ', √(1-ᾱ'-σ²), σ, clip)``.
+        rng: int64 ``[3]`` on ``x.device``: ``(seed, step k, sample_offset)``.
+        prediction_type: 0/"epsilon", 1/"v_prediction" or 2/"sample".
+        clip_sample: clamp ``x̂0`` to ``±clip_range``.
+        draw_noise: without ``noise``, draw ``z`` from Philox (counter ``(j, sample_offset + b,
+            k, 0)``, ``noise.step_noise``); else ``z = 0``.
+        backend: "auto", "torch", "triton", "cpp" or "cuda".
+
+    Returns:
+        float32 ``[B, ...]``: ``x_{t'}``.
+    """
+    if isinstance(prediction_type, str):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"guided_update: prediction_type must be one of {tuple(PREDICTION_TYPES)} or "
+                f"0/1/2, got {prediction_type!r}"
+            )
+        prediction_type = PREDICTION_TYPES[prediction_type]
+    check_guided_update_args(
+        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend
+    )
+    return torch.ops.cpsample.guided_update(
+        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend
+    )

@@ -1,0 +1,366 @@
+"""Fused ops: torch spec vs a float64 evaluation of the formula; registration, dispatch, errors."""
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from cpsample_fast import guidance, noise, ops
+
+# The package exports the function `guided_update`, which shadows the submodule's attribute name.
+gu_module = importlib.import_module("cpsample_fast.ops.guided_update")
+
+SHAPE = (3, 3, 5, 7)  # odd batch, odd sample shape
+F32_EPS = torch.finfo(torch.float32).eps
+
+
+def make_coefs(alpha_bar=0.64, alpha_bar_prev=0.81, eta=0.7, clip_range=1.0):
+    """(sa, s1, sp, d, sigma, clip) from ᾱ_t, ᾱ' and η as DDIM defines them (SPEC §3 step 7)."""
+    sigma = (
+        eta
+        * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+        * math.sqrt(1 - alpha_bar / alpha_bar_prev)
+    )
+    d = math.sqrt(1 - alpha_bar_prev - sigma**2)
+    vals = [math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar), math.sqrt(alpha_bar_prev), d, sigma]
+    return torch.tensor([*vals, clip_range], dtype=torch.float32)
+
+
+def make_inputs(shape=SHAPE, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = 1.5 * torch.randn(shape, generator=gen)  # large enough that clipping bites
+    o = torch.randn(shape, generator=gen)
+    g = 0.5 * torch.randn(shape, generator=gen)
+    z = torch.randn(shape, generator=gen)
+    return x, o, g, z
+
+
+def reference_update_f64(x, o, g, z, coefs, prediction_type, clip_sample):
+    """SPEC §3 steps 5–7 in float64, written from the paper's form, not the kernels' form."""
+    x, o = x.double(), o.double()
+    sa, s1, sp, d, sigma, c = coefs.double().tolist()
+    if prediction_type == 0:
+        eps = o
+    elif prediction_type == 1:
+        eps = sa * o + s1 * x
+    else:
+        eps = (x - sa * o) / s1
+    eps_hat = eps if g is None else eps + g.double()
+    x0_hat = (x - s1 * eps_hat) / sa  # SPEC step 6
+    if clip_sample:
+        x0_hat = x0_hat.clamp(-c, c)
+    out = sp * x0_hat + d * eps_hat
+    if z is not None:
+        out = out + sigma * z.double()
+    return out
+
+
+NOISE_MODES = ("none", "tensor", "draw")
+
+
+def _case_args(noise_mode, z):
+    explicit = z if noise_mode == "tensor" else None
+    return explicit, noise_mode == "draw"
+
+
+@pytest.mark.parametrize("prediction_type", [0, 1, 2])
+@pytest.mark.parametrize("clip_sample", [False, True])
+@pytest.mark.parametrize("with_guidance", [False, True])
+@pytest.mark.parametrize("noise_mode", NOISE_MODES)
+def test_torch_matches_float64_formula(prediction_type, clip_sample, with_guidance, noise_mode):
+    x, o, g, z = make_inputs()
+    coefs = make_coefs()
+    rng = torch.tensor([17, 4, 2])
+    g = g if with_guidance else None
+    explicit, draw = _case_args(noise_mode, z)
+    out = ops.guided_update(
+        x,
+        o,
+        g,
+        explicit,
+        coefs,
+        rng,
+        prediction_type=prediction_type,
+        clip_sample=clip_sample,
+        draw_noise=draw,
+        backend="torch",
+    )
+    z_ref = {"none": None, "tensor": z, "draw": noise.step_noise(17, 4, SHAPE, 2)}[noise_mode]
+    ref = reference_update_f64(x, o, g, z_ref, coefs, prediction_type, clip_sample)
+    err = (out.double() - ref).abs().max().item()
+    scale = max(ref.abs().max().item(), x.abs().max().item(), 1.0)
+    print(f"p={prediction_type} clip={clip_sample} g={with_guidance} z={noise_mode}: "
+          f"max abs err {err:.2e} (scale {scale:.2f})")  # fmt: skip
+    assert out.dtype == torch.float32 and out.shape == SHAPE
+    # float32 has ~6e-8 relative rounding per op; the chain has < 10 ops, with 1/s1 ≈ 1.7 gain.
+    assert err <= 16 * F32_EPS * scale
+    if clip_sample:
+        assert not torch.equal(
+            out,
+            ops.guided_update(
+                x, o, g, explicit, coefs, rng, prediction_type=prediction_type,
+                clip_sample=False, draw_noise=draw, backend="torch",
+            ),
+        )  # fmt: skip
+
+
+def test_explicit_noise_wins_over_draw_and_string_prediction_type():
+    x, o, g, z = make_inputs()
+    coefs, rng = make_coefs(), torch.tensor([1, 2, 3])
+    a = ops.guided_update(x, o, g, z, coefs, rng, prediction_type="v_prediction",
+                          clip_sample=True, draw_noise=True, backend="torch")  # fmt: skip
+    b = ops.guided_update(x, o, g, z, coefs, rng, prediction_type=1,
+                          clip_sample=True, draw_noise=False, backend="torch")  # fmt: skip
+    assert torch.equal(a, b)
+
+
+def test_drawn_noise_is_batch_invariant():
+    x, o, g, _ = make_inputs((5, 2, 3, 3))
+    coefs = make_coefs()
+    full = ops.guided_update(x, o, g, None, coefs, torch.tensor([9, 3, 10]), prediction_type=0,
+                             clip_sample=False, draw_noise=True, backend="torch")  # fmt: skip
+    for b in (0, 4):
+        alone = ops.guided_update(x[b : b + 1], o[b : b + 1], g[b : b + 1], None, coefs,
+                                  torch.tensor([9, 3, 10 + b]), prediction_type=0,
+                                  clip_sample=False, draw_noise=True, backend="torch")  # fmt: skip
+        assert torch.equal(alone[0], full[b])
+
+
+def test_no_guidance_equals_zero_guidance():
+    x, o, _, z = make_inputs()
+    coefs, rng = make_coefs(), torch.tensor([0, 0, 0])
+    kw = dict(prediction_type=2, clip_sample=True, draw_noise=False, backend="torch")
+    a = ops.guided_update(x, o, None, z, coefs, rng, **kw)
+    b = ops.guided_update(x, o, torch.zeros_like(x), z, coefs, rng, **kw)
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Other backends through the same op
+# ---------------------------------------------------------------------------------------------
+
+
+def _ext_built() -> bool:
+    return "cpp" in ops.available_backends("cpu")
+
+
+@pytest.mark.skipif(not _ext_built(), reason="cpsample_fast._C not built (make build)")
+@pytest.mark.parametrize("prediction_type", [0, 1, 2])
+@pytest.mark.parametrize("noise_mode", NOISE_MODES)
+def test_cpp_backend_matches_torch(prediction_type, noise_mode):
+    x, o, g, z = make_inputs()
+    coefs, rng = make_coefs(), torch.tensor([2**40 + 3, 7, 5])
+    explicit, draw = _case_args(noise_mode, z)
+    kw = dict(prediction_type=prediction_type, clip_sample=True, draw_noise=draw)
+    ref = ops.guided_update(x, o, g, explicit, coefs, rng, backend="torch", **kw)
+    out = ops.guided_update(x, o, g, explicit, coefs, rng, backend="cpp", **kw)
+    err = (out - ref).abs().max().item()
+    print(f"cpp vs torch, p={prediction_type} z={noise_mode}: max abs err {err:.2e}")
+    assert err <= 16 * F32_EPS * max(ref.abs().max().item(), 1.0)
+
+
+def test_backend_resolution_and_available_backends(monkeypatch):
+    cpu = torch.device("cpu")
+    names = ops.available_backends(cpu)
+    assert names[-1] in ("torch", "triton") and "torch" in names
+    assert ops.resolve_backend("auto", cpu) == names[0]
+    assert names[0] == ("cpp" if _ext_built() else "torch")
+    assert ops.resolve_backend("torch", cpu) == "torch"
+    with pytest.raises(ValueError, match="cuda"):
+        ops.resolve_backend("cuda", cpu)
+    # Without the extension, cpp says how to build it and auto falls back to torch.
+    monkeypatch.setattr(gu_module, "_get_ext", lambda: None)
+    monkeypatch.setattr(gu_module, "_RESOLVED", {})
+    assert ops.available_backends(cpu)[0] == "torch"
+    assert ops.resolve_backend("auto", cpu) == "torch"
+    with pytest.raises(RuntimeError, match="make build"):
+        ops.resolve_backend("cpp", cpu)
+    x, o, _, _ = make_inputs()
+    with pytest.raises(RuntimeError, match="make build"):
+        ops.guided_update(x, o, None, None, make_coefs(), torch.zeros(3, dtype=torch.int64),
+                          prediction_type=0, clip_sample=False, draw_noise=False,
+                          backend="cpp")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration
+# ---------------------------------------------------------------------------------------------
+
+
+def test_opcheck_guided_update():
+    x, o, g, z = make_inputs((3, 2, 3, 5))
+    coefs, rng = make_coefs(), torch.tensor([5, 1, 0])
+    for args in [
+        (x, o, g, z, coefs, rng, 0, True, False, "torch"),
+        (x, o, None, None, coefs, rng, 1, False, True, "torch"),
+        (x, o, g, None, coefs, rng, 2, True, False, "auto"),
+    ]:
+        torch.library.opcheck(torch.ops.cpsample.guided_update.default, args)
+
+
+def test_opcheck_guidance_seed():
+    logits = torch.tensor([-9.0, -0.3, 0.0, 2.0, 12.0])
+    for mode in range(3):
+        torch.library.opcheck(
+            torch.ops.cpsample.guidance_seed.default,
+            (logits, torch.tensor(3.0), 0.01, mode, "torch"),
+        )
+
+
+def test_compiled_calls_op_without_recompiling_per_step():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    x, o, g, _ = make_inputs()
+    table = torch.stack([make_coefs(0.5, 0.7), make_coefs(0.7, 0.9), make_coefs(0.9, 1.0)])
+
+    def step(x, o, g, table, k, seed):
+        rng = torch.stack([seed, k, torch.zeros_like(k)])
+        # index_select, not table[k]: AOT turns a 0-dim index tensor into a data-dependent int.
+        coefs = table.index_select(0, k.reshape(1)).reshape(6)
+        c, _, _ = ops.guidance_seed(g[:, 0, 0, 0], coefs[1] * 10.0, 0.5, "repel",
+                                    backend="torch")  # fmt: skip
+        gg = g * c[:, None, None, None]
+        return ops.guided_update(x, o, gg, None, coefs, rng, prediction_type=0,
+                                 clip_sample=True, draw_noise=True, backend="torch")  # fmt: skip
+
+    fn = torch.compile(step, backend=counter, fullgraph=True)
+    seed = torch.tensor(3)
+    for k in range(3):
+        kt = torch.tensor(k)
+        out = fn(x, o, g, table, kt, seed)
+        err = (out - step(x, o, g, table, kt, seed)).abs().max().item()
+        assert err == 0.0, err
+    print(f"frames compiled over 3 steps: {counter.frame_count}")
+    assert counter.frame_count == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# guidance_seed op
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", guidance.MODES)
+def test_guidance_seed_op_matches_guidance_module(mode):
+    logits = torch.tensor([-9.0, -3.0, -0.1, 0.0, 0.4, 5.0, 11.0])
+    scale = torch.tensor(2.5)
+    c, q, m = ops.guidance_seed(logits, scale, 0.05, mode, backend="torch")
+    c_ref, q_ref, m_ref = guidance.guidance_seed(logits, scale, 0.05, mode)
+    assert torch.equal(c, c_ref) and torch.equal(q, q_ref) and torch.equal(m, m_ref)
+    assert c.dtype == torch.float32 and m.dtype == torch.bool
+    # Integer mode ids are the same op.
+    c2, _, _ = ops.guidance_seed(logits, scale, 0.05, guidance.mode_id(mode), backend="auto")
+    assert torch.equal(c2, c_ref)
+
+
+def test_guidance_seed_bad_inputs():
+    logits, scale = torch.zeros(3), torch.tensor(1.0)
+    with pytest.raises(TypeError, match="logits"):
+        ops.guidance_seed(torch.zeros(3, dtype=torch.int64), scale, 0.1)
+    with pytest.raises(ValueError, match="logits"):
+        ops.guidance_seed(torch.zeros(3, 1), scale, 0.1)
+    with pytest.raises(TypeError, match="scale_t"):
+        ops.guidance_seed(logits, 1.0, 0.1)
+    with pytest.raises(TypeError, match="scale_t"):
+        ops.guidance_seed(logits, torch.ones(1), 0.1)
+    with pytest.raises(ValueError, match="alpha"):
+        ops.guidance_seed(logits, scale, 0.7)
+    with pytest.raises(ValueError, match="mode"):
+        ops.guidance_seed(logits, scale, 0.1, "push")
+    with pytest.raises(ValueError, match="mode"):
+        ops.guidance_seed(logits, scale, 0.1, 3)
+    with pytest.raises(ValueError, match="backend"):
+        ops.guidance_seed(logits, scale, 0.1, backend="fast")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def _good():
+    x, o, g, z = make_inputs((3, 2, 3, 5))
+    return dict(x=x, model_out=o, guidance=g, noise=z, coefs=make_coefs(),
+                rng=torch.tensor([1, 2, 3]))  # fmt: skip
+
+
+def _call(args, **kw):
+    opts = dict(prediction_type=0, clip_sample=True, draw_noise=False, backend="torch")
+    opts.update(kw)
+    return ops.guided_update(
+        args["x"], args["model_out"], args["guidance"], args["noise"], args["coefs"],
+        args["rng"], **opts,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name,bad,exc,match",
+    [
+        ("x", lambda a: a["x"].double(), TypeError, "x must be float32"),
+        ("x", lambda a: torch.tensor(1.0), ValueError, "batch dimension"),
+        ("x", lambda a: a["x"].transpose(2, 3), ValueError, "x must be contiguous"),
+        ("model_out", lambda a: a["model_out"].half(), TypeError, "model_out must be float32"),
+        ("model_out", lambda a: a["model_out"][:2], ValueError, "model_out must have x's shape"),
+        (
+            "model_out",
+            lambda a: a["model_out"].transpose(2, 3).contiguous().transpose(2, 3),
+            ValueError,
+            "model_out must be contiguous",
+        ),  # fmt: skip
+        ("guidance", lambda a: a["guidance"].reshape(3, -1), ValueError, "guidance must have"),
+        ("guidance", lambda a: 0.0, TypeError, "guidance must be a tensor"),
+        ("noise", lambda a: a["noise"].to(torch.int32), TypeError, "noise must be float32"),
+        ("coefs", lambda a: a["coefs"].double(), TypeError, "coefs must be"),
+        ("coefs", lambda a: a["coefs"][:5], ValueError, r"coefs must have shape \[6\]"),
+        ("coefs", lambda a: a["coefs"][None], ValueError, r"coefs must have shape \[6\]"),
+        ("rng", lambda a: a["rng"].int(), TypeError, "rng must be torch.int64"),
+        ("rng", lambda a: torch.zeros(4, dtype=torch.int64), ValueError, r"rng must have shape"),
+        ("rng", lambda a: torch.zeros(6, dtype=torch.int64)[::2], ValueError, "rng must be contig"),
+    ],
+)
+def test_bad_tensor_inputs(name, bad, exc, match):
+    args = _good()
+    args[name] = bad(args)
+    with pytest.raises(exc, match=match):
+        _call(args)
+
+
+def test_bad_option_inputs():
+    args = _good()
+    with pytest.raises(ValueError, match="prediction_type"):
+        _call(args, prediction_type=3)
+    with pytest.raises(ValueError, match="prediction_type"):
+        _call(args, prediction_type="x0")
+    with pytest.raises(TypeError, match="prediction_type"):
+        _call(args, prediction_type=1.0)
+    with pytest.raises(TypeError, match="clip_sample"):
+        _call(args, clip_sample=1)
+    with pytest.raises(TypeError, match="draw_noise"):
+        _call(args, draw_noise=None)
+    with pytest.raises(ValueError, match="backend"):
+        _call(args, backend="numpy")
+    # The registered op validates too (direct callers bypass the Python wrapper).
+    with pytest.raises(ValueError, match="backend"):
+        torch.ops.cpsample.guided_update(
+            args["x"], args["model_out"], None, None, args["coefs"], args["rng"], 0, True, False,
+            "numpy",
+        )  # fmt: skip
+
+
+@pytest.mark.cuda
+def test_device_mismatch_and_cuda_backends():
+    args = _good()
+    args["coefs"] = args["coefs"].cuda()
+    with pytest.raises(ValueError, match="coefs must be on cpu"):
+        _call(args)
+    x, o, g, z = (t.cuda() for t in make_inputs())
+    coefs, rng = make_coefs().cuda(), torch.tensor([3, 1, 0], device="cuda")
+    ref = ops.guided_update(x, o, g, None, coefs, rng, prediction_type=0, clip_sample=True,
+                            draw_noise=True, backend="torch")  # fmt: skip
+    for backend in ops.available_backends("cuda"):
+        out = ops.guided_update(x, o, g, None, coefs, rng, prediction_type=0, clip_sample=True,
+                                draw_noise=True, backend=backend)  # fmt: skip
+        err = (out - ref).abs().max().item()
+        print(f"{backend} vs torch on cuda: {err:.2e}")
+        assert err <= 1e-5 * max(ref.abs().max().item(), 1.0)
