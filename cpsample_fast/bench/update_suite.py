@@ -1,0 +1,199 @@
+"""The fused update alone (``cpsample::guided_update``) per backend, as GB/s against a copy.
+
+Bytes are counted as the op's minimum traffic: 3 float32 reads (x, model output, guidance) and
+1 write per element = 16 bytes/element. The ceiling is the measured bandwidth of
+``torch.empty_like(x).copy_(x)`` (1 read + 1 write = 8 bytes/element) at the same size, in the
+same process, so ``frac_of_copy`` close to 1 means the op runs at memory speed.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .records import Row
+from .timing import Timing, measure
+
+OP = "guided_update"
+BYTES_PER_ELEMENT = 16  # 3 float32 reads + 1 float32 write
+COPY_BYTES_PER_ELEMENT = 8  # 1 read + 1 write
+SAMPLE_NUMEL = 3 * 32 * 32  # one CIFAR-like sample; the batch is sized to reach the target
+DEFAULT_SIZES = {"cpu": (10**5, 10**6, 10**7), "cuda": (10**5, 10**6, 10**7, 10**8)}
+QUICK_SIZES = (10**4, 10**5)
+
+
+@dataclass
+class UpdateBenchSettings:
+    """What to measure."""
+
+    device: torch.device
+    sizes: tuple[int, ...]
+    backends: list[str] | None = None  # None: every backend that runs natively on the device
+    repeats: int = 5
+    warmup: int = 2
+    compile: bool = True  # also time torch.compile of the pure-torch update ("torch+compile")
+
+    def to_dict(self) -> dict:
+        """JSON-able settings."""
+        return {
+            "device": str(self.device),
+            "sizes": list(self.sizes),
+            "backends": self.backends,
+            "repeats": self.repeats,
+            "warmup": self.warmup,
+            "compile": self.compile,
+        }
+
+
+@dataclass
+class UpdateMeasurement:
+    """One provider at one size."""
+
+    provider: str
+    numel: int
+    timing: Timing
+    gbps: tuple[float, float, float]  # median, p20, p80
+    frac_of_copy: float | None
+
+
+def native_backends(device: torch.device) -> list[str]:
+    """Backends that run natively on ``device``; the Triton interpreter on a CPU is left out."""
+    from .. import ops
+
+    names = list(ops.available_backends(device))
+    if device.type == "cpu":
+        names = [n for n in names if n != "triton"]
+    return names
+
+
+def _inputs(numel: int, device: torch.device):
+    B = max(1, round(numel / SAMPLE_NUMEL))
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    shape = (B, 3, 32, 32)
+    x, o, g = (torch.randn(shape, generator=gen).to(device) for _ in range(3))  # [B, 3, 32, 32]
+    coefs = torch.tensor([0.7, 0.7, 0.8, 0.6, 0.0, 1.0], device=device)
+    rng = torch.tensor([0, 0, 0], dtype=torch.int64, device=device)
+    return x, o, g, coefs, rng
+
+
+def _inner_calls(numel: int, device: torch.device) -> int:
+    # Keep each timed repeat above ~1 ms of work so timer and launch gaps do not dominate.
+    per_call_bytes = BYTES_PER_ELEMENT * numel
+    target = 4e8 if device.type == "cuda" else 2e7
+    return int(min(200, max(1, target // per_call_bytes)))
+
+
+def _providers(x, o, g, coefs, rng, backends, compiled) -> dict[str, Callable[[], torch.Tensor]]:
+    """Zero-argument calls: the copy ceiling, each backend, and the compiled torch update."""
+    from .. import ops
+
+    kw = {"prediction_type": 0, "clip_sample": True, "draw_noise": False}
+    calls: dict[str, Callable[[], torch.Tensor]] = {"copy": lambda: torch.empty_like(x).copy_(x)}
+    for name in backends:
+        calls[name] = lambda name=name: ops.guided_update(
+            x, o, g, None, coefs, rng, backend=name, **kw
+        )
+    if compiled is not None:
+        calls["torch+compile"] = lambda: compiled(x, o, g, None, coefs, rng, **kw)
+    return calls
+
+
+def run_update_bench(
+    settings: UpdateBenchSettings, progress: Callable[[str], None] | None = None
+) -> tuple[list[UpdateMeasurement], list[Row], dict[str, str]]:
+    """Time the copy ceiling and each backend of the fused update at each size.
+
+    Returns:
+        ``(measurements, rows, errors)``; a provider that fails is recorded in ``errors``.
+    """
+    from ..ops import _torch as torch_ops
+
+    say = progress or (lambda _msg: None)
+    s = settings
+    device = s.device
+    backends = list(s.backends) if s.backends else native_backends(device)
+    compiled = None
+    if s.compile:
+        compiled = torch.compile(torch_ops.guided_update, fullgraph=True, dynamic=False)
+    measurements: list[UpdateMeasurement] = []
+    errors: dict[str, str] = {}
+    rows: list[Row] = []
+    for numel in s.sizes:
+        x, o, g, coefs, rng = _inputs(numel, device)
+        n = x.numel()
+        inner = _inner_calls(n, device)
+        providers = _providers(x, o, g, coefs, rng, backends, compiled)
+        copy_gbps = None
+        for name, fn in providers.items():
+            say(f"update {name} @ {n:.0e}")
+            try:
+                with torch.no_grad():
+                    timing, _ = measure(
+                        fn, repeats=s.repeats, warmup=s.warmup, device=device, inner=inner
+                    )
+            except Exception as exc:
+                errors[f"{name}@{n}"] = f"{type(exc).__name__}: {exc}"
+                errors[f"{name}@{n}:traceback"] = traceback.format_exc(limit=6)
+                continue
+            nbytes = (COPY_BYTES_PER_ELEMENT if name == "copy" else BYTES_PER_ELEMENT) * n
+            gbps = (
+                nbytes / timing.median / 1e9,
+                nbytes / timing.p80 / 1e9,
+                nbytes / timing.p20 / 1e9,
+            )
+            if name == "copy":
+                copy_gbps = gbps[0]
+            frac = None if copy_gbps is None or name == "copy" else gbps[0] / copy_gbps
+            measurements.append(UpdateMeasurement(name, n, timing, gbps, frac))
+            extra = {"shape": list(x.shape), "bytes_per_element": nbytes // n, "inner": inner}
+            us = timing.scaled(1e6)
+            rows.append(
+                Row(OP, name, "forward", "time", "us", "numel", n, us.median, us.p20, us.p80, extra)
+            )
+            rows.append(Row(OP, name, "forward", "bandwidth", "GB/s", "numel", n, *gbps, extra))
+            if frac is not None:
+                rows.append(
+                    Row(
+                        OP,
+                        name,
+                        "forward",
+                        "frac_of_copy",
+                        "ratio",
+                        "numel",
+                        n,
+                        frac,
+                        frac,
+                        frac,
+                        extra,
+                    )
+                )
+        del x, o, g
+    return measurements, rows, errors
+
+
+def format_update_table(measurements: list[UpdateMeasurement], errors: dict[str, str]) -> str:
+    """GB/s per provider (rows) and size (columns), with the fraction of copy bandwidth."""
+    sizes = sorted({m.numel for m in measurements})
+    names = list(dict.fromkeys(m.provider for m in measurements))
+    by = {(m.provider, m.numel): m for m in measurements}
+    head = f"{'update op (GB/s, x copy)':<26}" + "".join(f"{n:>20.1e}" for n in sizes)
+    lines = [head, "-" * len(head)]
+    for name in names:
+        cells = []
+        for n in sizes:
+            m = by.get((name, n))
+            if m is None:
+                cells.append(f"{'-':>20}")
+            elif m.frac_of_copy is None:
+                cells.append(f"{m.gbps[0]:>20.1f}")
+            else:
+                cells.append(f"{f'{m.gbps[0]:.1f} ({m.frac_of_copy:.2f}x)':>20}")
+        lines.append(f"{name:<26}" + "".join(cells))
+    for key, msg in errors.items():
+        if not key.endswith(":traceback"):
+            lines.append(f"{key:<26} FAILED: {msg.splitlines()[0][:160] if msg else ''}")
+    lines.append("bytes: 3 reads + 1 write of float32 per element (copy: 1 read + 1 write)")
+    return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""``cpsample bench``: time reference vs fast paths in one process; print one table; CSV + JSON.
+
+Example: ``OMP_NUM_THREADS=2 cpsample bench --config cifar --repeats 5 --out bench_out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+
+import torch
+
+HELP = (
+    "Benchmark the reference and the fast sampler (eager, compiled, bf16, CUDA graphs) and the "
+    "fused update; print one table, append CSV rows and write JSON."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``cpsample bench``."""
+    from ..bench import CONFIGS, PROVIDERS
+
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument(
+        "--config",
+        choices=sorted(CONFIGS),
+        default=None,
+        help="model configuration (default: gpu35m on cuda, cifar on cpu; tiny with --quick)",
+    )
+    parser.add_argument("--batch", type=int, default=None, help="batch size (config default)")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (config default)")
+    parser.add_argument(
+        "--providers",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help=f"sampling providers, space or comma separated; known: {', '.join(PROVIDERS)}",
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls (default 1)")
+    parser.add_argument(
+        "--suite",
+        choices=("sampler", "update", "all"),
+        default="all",
+        help="sampling providers, the fused update alone, or both (default)",
+    )
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        type=float,
+        default=None,
+        help="element counts for the update suite (default 1e5..1e7 on cpu, ..1e8 on cuda)",
+    )
+    parser.add_argument("--scale", type=float, default=2.0, help="guidance scale s (default 2)")
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="gate threshold (default 0.5: the untrained protector guides every step, so the "
+        "guided path is what is timed)",
+    )
+    parser.add_argument("--backend", default="auto", help="fused-update backend of CPSampler")
+    parser.add_argument("--no-accuracy", action="store_true", help="skip the float64 reference")
+    parser.add_argument("--out", default=None, help="folder for bench.csv (appended) and JSON")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests and CI")
+
+
+def _check_positive(name: str, value) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args``; returns 0, or 1 when any provider failed."""
+    from tqdm import tqdm
+
+    from ..bench import (
+        Environment,
+        SamplerBenchSettings,
+        UpdateBenchSettings,
+        append_csv,
+        format_table,
+        format_update_table,
+        get_config,
+        run_sampler_bench,
+        run_update_bench,
+    )
+    from ..bench.sampler_suite import parse_providers, summary
+    from ..bench.update_suite import DEFAULT_SIZES, QUICK_SIZES
+    from ..io import ensure_writable_dir, write_json_atomic
+
+    for name in ("batch", "steps", "repeats"):
+        _check_positive(name, getattr(args, name))
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.config is not None:
+        config = get_config(args.config)
+    else:
+        config = get_config(
+            "tiny" if args.quick else ("gpu35m" if device.type == "cuda" else "cifar")
+        )
+    out_dir = ensure_writable_dir(args.out, "--out") if args.out else None
+    env = Environment.capture(device)
+    providers = parse_providers(args.providers, device, quick=args.quick)
+    repeats = args.repeats or (2 if args.quick else 3)
+
+    records, tables, report = [], [], {"environment": env.__dict__}
+    failed = False
+    bar = tqdm(total=0, desc="cpsample bench", file=sys.stderr, unit="stage", leave=False)
+
+    def progress(msg: str) -> None:
+        bar.total += 1
+        bar.update(1)
+        bar.set_description(msg[:40])
+
+    if args.suite in ("sampler", "all"):
+        settings = SamplerBenchSettings(
+            config=config,
+            device=device,
+            batch=args.batch or config.batch,
+            steps=args.steps or config.steps,
+            providers=providers,
+            repeats=repeats,
+            warmup=args.warmup,
+            scale=args.scale,
+            alpha=args.alpha,
+            backend=args.backend,
+            accuracy=not args.no_accuracy,
+        )
+        result = run_sampler_bench(settings, progress)
+        records += [row.to_record(env) for row in result.rows]
+        tables.append(format_table(result))
+        report["sampler"] = summary(result)
+        failed |= bool(result.errors)
+    if args.suite in ("update", "all"):
+        if args.sizes:
+            sizes = tuple(int(s) for s in args.sizes)
+            if any(s < 1 for s in sizes):
+                raise ValueError(f"--sizes must be positive element counts, got {args.sizes}")
+        else:
+            sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES[device.type]
+        usettings = UpdateBenchSettings(
+            device=device, sizes=sizes, repeats=max(repeats, 3), compile=not args.quick
+        )
+        measurements, rows, errors = run_update_bench(usettings, progress)
+        records += [row.to_record(env) for row in rows]
+        tables.append(format_update_table(measurements, errors))
+        report["update"] = {
+            "settings": usettings.to_dict(),
+            "errors": errors,
+            "measurements": [
+                {
+                    "provider": m.provider,
+                    "numel": m.numel,
+                    "gbps": m.gbps[0],
+                    "frac_of_copy": m.frac_of_copy,
+                }
+                for m in measurements
+            ],
+        }
+        failed |= bool(errors)
+    bar.close()
+    table = "\n\n".join(tables)
+    report["table"] = table
+    report["rows"] = records
+    if out_dir is not None:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        csv_path = append_csv(out_dir / "bench.csv", records)
+        json_path = write_json_atomic(
+            out_dir / f"bench_{config.name}_{device.type}_{stamp}.json", report
+        )
+        print(f"wrote {csv_path} (+{len(records)} rows) and {json_path}", file=sys.stderr)
+    print(table)
+    return 1 if failed else 0
