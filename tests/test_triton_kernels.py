@@ -1,0 +1,152 @@
+"""Triton kernels (interpreter on CPU, native on CUDA) against the torch specification."""
+
+import importlib
+
+import pytest
+import torch
+
+from cpsample_fast import guidance, noise, ops
+
+triton_impl = importlib.import_module("cpsample_fast.ops._triton")
+
+pytestmark = pytest.mark.skipif(
+    not triton_impl.supports_device(torch.device("cpu")),
+    reason="needs Triton with TRITON_INTERPRET=1 set before import (tests/conftest.py)",
+)
+
+F32_EPS = torch.finfo(torch.float32).eps
+SHAPE = (3, 3, 5, 7)  # odd batch; 105 elements per sample, not a power of two
+
+
+def make_case(shape=SHAPE, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = 1.5 * torch.randn(shape, generator=gen)
+    o = torch.randn(shape, generator=gen)
+    g = 0.5 * torch.randn(shape, generator=gen)
+    z = torch.randn(shape, generator=gen)
+    # ᾱ_t = 0.64, ᾱ' = 0.81, σ = 0.2: (sa, s1, sp, d, sigma, clip)
+    coefs = torch.tensor([0.8, 0.6, 0.9, 0.15**0.5, 0.2, 1.0])
+    return x, o, g, z, coefs
+
+
+def run(backend, x, o, g, z, coefs, rng, p, clip, draw):
+    return ops.guided_update(x, o, g, z, coefs, rng, prediction_type=p, clip_sample=clip,
+                             draw_noise=draw, backend=backend)  # fmt: skip
+
+
+@pytest.mark.parametrize("prediction_type", [0, 1, 2])
+@pytest.mark.parametrize("clip_sample", [False, True])
+@pytest.mark.parametrize("with_guidance", [False, True])
+@pytest.mark.parametrize("noise_mode", ["none", "tensor", "draw"])
+def test_triton_matches_torch(prediction_type, clip_sample, with_guidance, noise_mode):
+    x, o, g, z, coefs = make_case()
+    rng = torch.tensor([2**33 + 7, 5, 11])  # a seed with a non-zero high word
+    g = g if with_guidance else None
+    z = z if noise_mode == "tensor" else None
+    draw = noise_mode == "draw"
+    ref = run("torch", x, o, g, z, coefs, rng, prediction_type, clip_sample, draw)
+    out = run("triton", x, o, g, z, coefs, rng, prediction_type, clip_sample, draw)
+    scale = max(ref.abs().max().item(), 1.0)
+    err = (out - ref).abs().max().item()
+    print(f"p={prediction_type} clip={clip_sample} g={with_guidance} z={noise_mode}: "
+          f"max abs err {err:.2e}, relative to scale {err / scale:.2e}")  # fmt: skip
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert err <= 1e-6 * scale
+
+
+def test_in_kernel_noise_equals_philox_normal():
+    # sp = d = 0, σ = 1 turns the update into x_{t'} = z: the kernel's own draw, unmixed.
+    x, o, _, _, _ = make_case()
+    coefs = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 1.0])
+    seed, step, offset = 123456789012, 7, 40
+    out = run("triton", x, o, None, None, coefs, torch.tensor([seed, step, offset]), 0, False, True)
+    idx = offset + torch.arange(SHAPE[0])
+    ref = noise.philox_normal(seed, idx, step, noise.STREAM_STEP, SHAPE[1:])
+    err = (out - ref).abs().max().item()
+    print(f"max |in-kernel z - noise.philox_normal| = {err:.2e}")
+    assert err <= 4 * F32_EPS * ref.abs().max().item()
+    assert torch.equal(out, run("triton", x, o, None, None, coefs,
+                                torch.tensor([seed, step, offset]), 0, False, True))  # fmt: skip
+
+
+def test_launch_geometry_invariance(monkeypatch):
+    # Small blocks: 105 elements span 7 programs per sample (last one partly masked).
+    x, o, g, _, coefs = make_case()
+    rng = torch.tensor([3, 2, 0])
+    big = run("triton", x, o, g, None, coefs, rng, 1, True, True)
+    monkeypatch.setattr(triton_impl, "_block_size", lambda n: (16, 4))
+    small = run("triton", x, o, g, None, coefs, rng, 1, True, True)
+    assert torch.equal(big, small)
+    # A sample drawn alone (batch 1, sample_offset = b) equals its row in the batch.
+    alone = run("triton", x[2:3], o[2:3], g[2:3], None, coefs, torch.tensor([3, 2, 2]), 1, True,
+                True)  # fmt: skip
+    assert torch.equal(alone[0], big[2])
+
+
+def test_odd_shapes_and_1d_samples():
+    for shape in [(1, 1), (5, 3), (3, 1, 1, 1), (2, 17)]:
+        x, o, g, z, coefs = make_case(shape, seed=len(shape))
+        rng = torch.tensor([1, 0, 0])
+        ref = run("torch", x, o, g, None, coefs, rng, 2, True, True)
+        out = run("triton", x, o, g, None, coefs, rng, 2, True, True)
+        err = (out - ref).abs().max().item()
+        print(f"shape {shape}: max abs err {err:.2e}")
+        assert err <= 1e-6 * max(ref.abs().max().item(), 1.0)
+    empty = torch.empty(0, 3)
+    out = run("triton", empty, empty, None, None, coefs, rng, 0, False, True)
+    assert out.shape == (0, 3)
+
+
+def test_opcheck_with_triton_backend():
+    x, o, g, z, coefs = make_case((3, 2, 5))
+    torch.library.opcheck(
+        torch.ops.cpsample.guided_update.default,
+        (x, o, g, None, coefs, torch.tensor([1, 2, 3]), 0, True, True, "triton"),
+    )
+
+
+def test_compiled_fullgraph_with_triton_backend():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    x, o, g, _, coefs = make_case()
+
+    def step(x, o, g, coefs, k):
+        rng = torch.stack([torch.zeros_like(k), k, torch.zeros_like(k)])
+        return ops.guided_update(x, o, g, None, coefs, rng, prediction_type=0, clip_sample=True,
+                                 draw_noise=True, backend="triton")  # fmt: skip
+
+    fn = torch.compile(step, backend=counter, fullgraph=True)
+    for k in range(2):
+        kt = torch.tensor(k)
+        assert torch.equal(fn(x, o, g, coefs, kt), step(x, o, g, coefs, kt))
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("mode", guidance.MODES)
+def test_guidance_seed_kernel_matches_torch(mode):
+    logits = torch.tensor([-30.0, -8.0, -3.0, -0.5, 0.0, 0.25, 2.0, 6.9, 7.0, 15.0, 40.0])
+    scale = torch.tensor(1000.0 * 0.6)
+    alpha = 0.001  # gate opens for |f| > log(1/α - 1) ≈ 6.9; 6.9 closed, 7.0 open
+    c, q, m = ops.guidance_seed(logits, scale, alpha, mode, backend="triton")
+    c_ref, q_ref, m_ref = guidance.guidance_seed(logits, scale, alpha, mode)
+    err_c = ((c - c_ref).abs() / c_ref.abs().clamp_min(1e-30)).max().item()
+    err_q = (q - q_ref).abs().max().item()
+    print(f"{mode}: max rel err c {err_c:.2e}, max abs err q {err_q:.2e}")
+    assert torch.equal(m, m_ref)
+    assert m.dtype == torch.bool and c.dtype == torch.float32
+    assert err_c <= 4 * F32_EPS and err_q <= 2 * F32_EPS
+    assert torch.equal(c == 0, c_ref == 0)
+
+
+@pytest.mark.cuda
+def test_cuda_triton_matches_torch():
+    x, o, g, z, coefs = (t.cuda() for t in make_case((4, 3, 32, 32)))
+    rng = torch.tensor([9, 3, 0], device="cuda")
+    for p in range(3):
+        ref = run("torch", x, o, g, None, coefs, rng, p, True, True)
+        out = run("triton", x, o, g, None, coefs, rng, p, True, True)
+        err = (out - ref).abs().max().item()
+        print(f"cuda triton vs torch, p={p}: {err:.2e}")
+        # GPU libm (log/cos/sqrt) differs from the CPU's by a few ulp in the noise.
+        assert err <= 1e-5 * max(ref.abs().max().item(), 1.0)
