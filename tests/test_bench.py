@@ -1,0 +1,132 @@
+"""``cpsample bench --quick``: runs, prints the table, writes CSV rows with the schema and sane
+numbers. Speed is never asserted (the machine is shared); only that the numbers are measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from cpsample_fast.bench import CSV_COLUMNS, Environment, Row, Timing, append_csv, measure, read_csv
+from cpsample_fast.bench.timing import percentile
+from cpsample_fast.cli.__main__ import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One quick run of both suites (sampler + update), shared by the tests below."""
+    out = tmp_path_factory.mktemp("bench")
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = cli_main(["bench", "--quick", "--out", str(out)])
+    return rc, buf.getvalue(), out
+
+
+def test_quick_prints_one_table_with_every_quick_provider(quick_run):
+    rc, text, _ = quick_run
+    print(text)
+    assert rc == 0, text
+    lines = text.splitlines()
+    assert lines[0].startswith("cpsample bench: tiny UNet")
+    for provider in ("reference", "reference+bf16", "fused", "ddim"):
+        assert any(line.split()[:1] == [provider] for line in lines), provider
+    assert "FAILED" not in text
+    assert "update op (GB/s, x copy)" in text
+
+
+def test_quick_csv_rows_have_the_schema_and_sane_numbers(quick_run):
+    rc, _, out = quick_run
+    rows = read_csv(out / "bench.csv")
+    assert rows, "no CSV rows"
+    assert tuple(rows[0].keys()) == CSV_COLUMNS
+    for row in rows:
+        for key in ("median", "p20", "p80"):
+            value = float(row[key])
+            assert math.isfinite(value), row
+            if row["metric"] != "max_abs_err_vs_fp64" and row["metric"] != "rms_err_vs_fp64":
+                assert value > 0, row
+            else:
+                assert value >= 0, row
+        assert float(row["p20"]) <= float(row["median"]) * (1 + 1e-9) + 1e-12, row
+        assert float(row["median"]) <= float(row["p80"]) * (1 + 1e-9) + 1e-12, row
+        assert row["device"] and row["versions"].startswith("torch=") and row["timestamp"]
+        json.loads(row["extra"])
+    metrics = {(r["provider"], r["metric"]) for r in rows if r["op"] == "sample/tiny"}
+    for provider in ("reference", "fused", "reference+bf16", "ddim"):
+        for metric in ("images_per_s", "ms_per_step", "eps_model_ms", "update_ms"):
+            assert (provider, metric) in metrics, (provider, metric)
+    assert ("fused", "protector_ms") in metrics
+    assert ("ddim", "protector_ms") not in metrics  # unguided: the protector never runs
+    assert ("reference", "speedup_vs_reference") in metrics
+    ref_ratio = [
+        float(r["median"])
+        for r in rows
+        if r["provider"] == "reference" and r["metric"] == "speedup_vs_reference"
+    ]
+    assert ref_ratio == [1.0]
+    bw = [r for r in rows if r["op"] == "guided_update" and r["metric"] == "bandwidth"]
+    assert {r["provider"] for r in bw} >= {"copy", "torch"}
+
+
+def test_quick_accuracy_columns_against_float64(quick_run):
+    """float32 paths agree with the float64 reference far better than bf16 ones do."""
+    _, _, out = quick_run
+    rows = read_csv(out / "bench.csv")
+    err = {r["provider"]: float(r["median"]) for r in rows if r["metric"] == "max_abs_err_vs_fp64"}
+    print("max |x - x_fp64|:", err)
+    assert err["reference"] < 1e-4 and err["fused"] < 1e-4
+    assert err["reference+bf16"] > err["reference"]
+
+
+def test_quick_json_report(quick_run):
+    _, _, out = quick_run
+    (path,) = out.glob("bench_tiny_cpu_*.json")
+    report = json.loads(path.read_text())
+    assert report["sampler"]["finite"] is True
+    assert report["sampler"]["errors"] == {}
+    assert len(report["rows"]) == len(read_csv(out / "bench.csv"))
+    assert "reference" in report["table"]
+
+
+def test_csv_append_keeps_one_header_and_refuses_other_schemas(tmp_path):
+    env_cols = {"device": "cpu", "versions": "torch=x", "commit": "abc", "timestamp": "now"}
+    row = Row("op", "p", "m", "metric", "u", "x", 3, 2.0, 1.0, 3.0, {"a": 1})
+    record = row.to_record(Environment(**env_cols))
+    path = tmp_path / "b.csv"
+    append_csv(path, [record])
+    append_csv(path, [record, record])
+    lines = path.read_text().splitlines()
+    assert lines[0] == ",".join(CSV_COLUMNS)
+    assert len(lines) == 4
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="columns"):
+        append_csv(tmp_path / "other.csv", [record])
+    with pytest.raises(ValueError, match="not finite"):
+        Row("op", "p", "m", "metric", "u", "x", 3, float("nan"), 1.0, 3.0)
+
+
+def test_measure_counts_repeats_and_percentiles():
+    calls = []
+    timing, last = measure(lambda: calls.append(1) or len(calls), repeats=5, warmup=2, inner=3)
+    assert len(calls) == 2 + 5 * 3 and last == 17
+    assert isinstance(timing, Timing) and len(timing.samples) == 5
+    assert 0 <= timing.p20 <= timing.median <= timing.p80
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
+    with pytest.raises(ValueError, match="repeats"):
+        measure(lambda: None, repeats=0)
+
+
+def test_bad_options_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="--providers"):
+        cli_main(["bench", "--quick", "--providers", "nope", "--out", str(tmp_path)])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            cli_main(["bench", "--quick", "--providers", "fused+cudagraph"])
+    with pytest.raises(ValueError, match="--batch"):
+        cli_main(["bench", "--quick", "--batch", "0"])
