@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 
+#include "cpsample/step_math.h"
 #include "cpu/kernels.h"
 #ifdef CPSAMPLE_WITH_CUDA
 #include "cuda/binding.h"
@@ -45,9 +46,9 @@ void check_float_like_x(const at::Tensor& t, const char* name, const at::Tensor&
                     " must be contiguous (call .contiguous())");
 }
 
-void check_small(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel,
-                 const at::Tensor& x, const char* what) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "guided_update: ", name, " must be ", dtype, " ",
+void check_small(const at::Tensor& t, const char* name, at::ScalarType dtype,
+                 const char* dtype_name, int64_t numel, const at::Tensor& x, const char* what) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "guided_update: ", name, " must be ", dtype_name, " ",
                    what, ", got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.numel() == numel && t.dim() == 1, "guided_update: ", name, " must have shape [",
                     numel, "] ", what, ", got ", t.sizes());
@@ -69,8 +70,8 @@ at::Tensor guided_update(const at::Tensor& x, const at::Tensor& model_out,
   check_float_like_x(model_out, "model_out", x);
   if (guidance.has_value()) check_float_like_x(*guidance, "guidance", x);
   if (noise.has_value()) check_float_like_x(*noise, "noise", x);
-  check_small(coefs, "coefs", at::kFloat, 6, x, "(sa, s1, sp, d, sigma, clip_range)");
-  check_small(rng, "rng", at::kLong, 3, x, "(seed, step, sample_offset)");
+  check_small(coefs, "coefs", at::kFloat, "float32", 6, x, "(sa, s1, sp, d, sigma, clip_range)");
+  check_small(rng, "rng", at::kLong, "int64", 3, x, "(seed, step, sample_offset)");
   TORCH_CHECK_VALUE(prediction_type >= 0 && prediction_type <= 2,
                     "guided_update: prediction_type must be 0 (epsilon), 1 (v_prediction) or 2 "
                     "(sample), got ",
@@ -159,8 +160,34 @@ uint64_t seed_bits(const py::int_& seed) {
     if (!(u == static_cast<unsigned long long>(-1) && PyErr_Occurred())) return u;
     PyErr_Clear();
   }
-  throw py::value_error("philox_normal: seed must lie in [-2**63, 2**64), got " +
+  throw py::value_error("seed must lie in [-2**63, 2**64), got " +
                         py::str(seed).cast<std::string>());
+}
+
+// The raw Philox4x32-10 words, for known-answer tests of the arithmetic the kernels share.
+at::Tensor philox4x32_10(const at::Tensor& counters, uint64_t seed) {
+  TORCH_CHECK_TYPE(counters.scalar_type() == at::kLong,
+                   "philox4x32_10: counters must be int64, got ", counters.scalar_type());
+  TORCH_CHECK_VALUE(counters.dim() == 2 && counters.size(1) == 4 && counters.is_cpu(),
+                    "philox4x32_10: counters must be a CPU tensor [N, 4], got ", counters.sizes(),
+                    " on ", counters.device());
+  const at::Tensor c = counters.contiguous();
+  at::Tensor out = at::empty_like(c);
+  const int64_t* src = c.data_ptr<int64_t>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  const auto k0 = static_cast<uint32_t>(seed & 0xffffffffu);
+  const auto k1 = static_cast<uint32_t>(seed >> 32);
+  for (int64_t r = 0; r < c.size(0); ++r) {
+    const int64_t* w = src + 4 * r;
+    const cpsample::PhiloxOut o = cpsample::philox4x32_10(
+        static_cast<uint32_t>(w[0]), static_cast<uint32_t>(w[1]), static_cast<uint32_t>(w[2]),
+        static_cast<uint32_t>(w[3]), k0, k1);
+    dst[4 * r + 0] = o.w0;
+    dst[4 * r + 1] = o.w1;
+    dst[4 * r + 2] = o.w2;
+    dst[4 * r + 3] = o.w3;
+  }
+  return out;
 }
 
 std::string compiler_name() {
@@ -252,6 +279,22 @@ Args:
 
 Returns:
     float32 [B, numel_per_sample].
+)doc");
+  m.def(
+      "philox4x32_10",
+      [](const at::Tensor& counters, const py::int_& seed) {
+        const uint64_t key = seed_bits(seed);
+        return translate_errors([&] { return philox4x32_10(counters, key); });
+      },
+      py::arg("counters"), py::arg("seed"),
+      R"doc(Philox4x32-10 words of step_math.h (for known-answer tests).
+
+Args:
+    counters: int64 [N, 4] counter words (low 32 bits used).
+    seed: Python int in [-2**63, 2**64); key = (seed & 0xffffffff, seed >> 32).
+
+Returns:
+    int64 [N, 4], the output words in [0, 2**32).
 )doc");
   m.def("build_info", &build_info,
         "Dict: cuda (bool), cuda_runtime_version, openmp (bool), compiler, cpu_arch, "
