@@ -1,0 +1,19 @@
+"""The protector (SPEC §2): a time-conditioned classifier that memorises random member labels."""
+
+from .labels import VerifyResult, dataset_fingerprint, draw_labels, verify_protector
+from .model import ProtectorNet
+from .report import ProtectorReport, evaluate_protector
+from .train import load_protector, save_protector, train_protector
+
+__all__ = [
+    "ProtectorNet",
+    "ProtectorReport",
+    "VerifyResult",
+    "dataset_fingerprint",
+    "draw_labels",
+    "evaluate_protector",
+    "load_protector",
+    "save_protector",
+    "train_protector",
+    "verify_protector",
+]

@@ -1,0 +1,590 @@
+"""``train_protector`` (SPEC §2) and protector checkpoints.
+
+Training minimises binary cross-entropy of ``f(√ᾱ_t x_i + √(1-ᾱ_t) ε, t)`` against the random
+member labels ``y_i``, with ``t`` uniform over the schedule (or a sub-range / weighting); hold-out
+images, when given, are pulled toward the soft target 1/2. Every random draw (batch indices,
+timesteps, noise, the default network's initialisation) comes from generators seeded by
+``seed``; the training generator's state is checkpointed with the weights and the optimiser,
+so a run killed and resumed ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import __version__
+from ..data import as_image_tensor
+from ..io import (
+    ensure_writable_dir,
+    load_safetensors,
+    read_json,
+    refuse_pickle,
+    safetensors_metadata,
+    save_safetensors_atomic,
+    write_json_atomic,
+)
+from .labels import dataset_fingerprint, draw_labels
+from .model import ProtectorNet
+from .report import ProtectorReport, evaluate_protector, noised, timestep_bins
+
+CHECKPOINT_FORMAT = "cpsample_fast.protector/1"
+TRAIN_STATE_FORMAT = "cpsample_fast.protector-train-state/1"
+_STATE_JSON = "train_state.json"
+
+
+def _check_int(name: str, value: Any, lo: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    return value
+
+
+def _timestep_sampler(
+    T: int, t_range: tuple[int, int] | None, t_weights: torch.Tensor | None
+) -> Callable[[int, torch.Generator], torch.Tensor]:
+    """A function ``(n, gen) -> int64 [n]`` drawing training timesteps."""
+    if t_weights is not None:
+        w = torch.as_tensor(t_weights, dtype=torch.float64).reshape(-1)
+        if w.numel() != T or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError(
+                f"t_weights must be {T} finite non-negative weights (one per timestep)"
+            )
+        if t_range is not None:
+            lo, hi = t_range
+            w = w.clone()
+            w[:lo] = 0
+            w[hi:] = 0
+        if float(w.sum()) <= 0:
+            raise ValueError("t_weights must put positive weight on some timestep in t_range")
+        return lambda n, gen: torch.multinomial(w, n, replacement=True, generator=gen)
+    lo, hi = t_range if t_range is not None else (0, T)
+    return lambda n, gen: torch.randint(lo, hi, (n,), generator=gen)
+
+
+def _check_t_range(t_range: Any, T: int) -> tuple[int, int] | None:
+    if t_range is None:
+        return None
+    try:
+        lo, hi = (int(v) for v in t_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"t_range must be a pair (lo, hi) of ints, got {t_range!r}") from None
+    if not 0 <= lo < hi <= T:
+        raise ValueError(f"t_range must satisfy 0 <= lo < hi <= {T} (half-open), got {t_range!r}")
+    return lo, hi
+
+
+def _build_protector(
+    protector: nn.Module | Mapping[str, Any] | None, images: torch.Tensor, seed: int
+) -> nn.Module:
+    """The user's module, or a seeded ``ProtectorNet`` sized for the data."""
+    if isinstance(protector, nn.Module):
+        return protector
+    if protector is not None and not isinstance(protector, Mapping):
+        raise TypeError(
+            "protector must be an nn.Module(x, t) -> [B], a ProtectorNet config mapping or None, "
+            f"got {type(protector).__name__}"
+        )
+    _, c, h, w = images.shape
+    config = {"in_channels": c, "resolution": max(h, w)}
+    config.update(protector or {})
+    # A private RNG stream for the initialisation: reproducible and the caller's global RNG is
+    # left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ProtectorNet(**config)
+
+
+def _probe(protector: nn.Module, images: torch.Tensor, device: torch.device) -> None:
+    """Run two samples through the protector; turn shape problems into a clear ValueError."""
+    x = images[:2].to(device)
+    t = torch.zeros(x.shape[0], dtype=torch.int64, device=device)
+    try:
+        with torch.no_grad():
+            out = protector(x, t)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "incompatible with data"
+        raise ValueError(
+            f"protector does not accept images of shape {tuple(images.shape[1:])} (C, H, W): {exc}"
+        ) from exc
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (x.shape[0],):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"protector(x, t) must return logits of shape [B], got {shape}")
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimiser state dict into safetensors tensors and JSON-able rest."""
+    sd = opt.state_dict()
+    tensors, plain = {}, {}
+    for pid, st in sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{key}"] = value
+            else:
+                plain[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "plain": plain}
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, rest: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for name, value in rest["plain"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+
+
+def _save_train_state(
+    ckpt_dir: Path,
+    step: int,
+    protector: nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    identity: dict,
+    progress_state: dict,
+) -> None:
+    """Weights + optimiser + RNG at ``step``; the JSON pointer is written last (the commit)."""
+    opt_tensors, opt_rest = _optimizer_tensors(opt)
+    tensors = {f"model.{k}": v for k, v in protector.state_dict().items()}
+    tensors.update(opt_tensors)
+    tensors["rng.train"] = gen.get_state()
+    name = f"train_state-{step:09d}.safetensors"
+    save_safetensors_atomic(ckpt_dir / name, tensors)
+    old = (
+        read_json(ckpt_dir / _STATE_JSON).get("weights")
+        if (ckpt_dir / _STATE_JSON).is_file()
+        else None
+    )
+    write_json_atomic(
+        ckpt_dir / _STATE_JSON,
+        {
+            "format": TRAIN_STATE_FORMAT,
+            "step": step,
+            "weights": name,
+            "identity": identity,
+            "optimizer": opt_rest,
+            "progress": progress_state,
+        },
+    )
+    if old and old != name:
+        (ckpt_dir / old).unlink(missing_ok=True)
+
+
+def _load_train_state(ckpt_dir: Path, identity: dict) -> tuple[dict, dict] | None:
+    """The latest state in ``ckpt_dir`` (or ``None``); refuses one from a different run."""
+    pointer = ckpt_dir / _STATE_JSON
+    if not pointer.is_file():
+        return None
+    state = read_json(pointer)
+    if state.get("format") != TRAIN_STATE_FORMAT:
+        raise ValueError(f"{str(pointer)!r} is not a protector training state")
+    if state["identity"] != identity:
+        diff = sorted(
+            k
+            for k in set(identity) | set(state["identity"])
+            if identity.get(k) != state["identity"].get(k)
+        )
+        raise ValueError(
+            f"checkpoint_dir {str(ckpt_dir)!r} holds a training run with different settings "
+            f"({', '.join(diff)}); pass resume=False to start over or use another checkpoint_dir"
+        )
+    return state, load_safetensors(ckpt_dir / state["weights"])
+
+
+def train_protector(
+    images,
+    *,
+    schedule,
+    protector: nn.Module | Mapping[str, Any] | None = None,
+    holdout=None,
+    label_seed: int = 0,
+    steps: int,
+    batch_size: int = 64,
+    holdout_batch_size: int | None = None,
+    holdout_weight: float = 1.0,
+    lr: float = 2e-3,
+    weight_decay: float = 0.0,
+    t_range: tuple[int, int] | None = None,
+    t_weights: torch.Tensor | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    autocast: bool | None = None,
+    target_accuracy: float | None = None,
+    target_t_range: tuple[int, int] | None = None,
+    eval_every: int = 50,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    report_bins: int = 10,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[nn.Module, ProtectorReport]:
+    """Train a protector to memorise random labels of ``images`` under noise (SPEC §2).
+
+    Args:
+        images: Members, float ``[N, C, H, W]`` in [-1, 1], or a Dataset of ``[C, H, W]``
+            tensors (stacked into memory).
+        schedule: Training noise schedule (``.alphas_cumprod [T]``, ``.num_train_timesteps``).
+        protector: An ``nn.Module(x, t) -> [B]``, a ``ProtectorNet`` config override
+            (e.g. ``{"base_channels": 16}``), or ``None`` for a default ``ProtectorNet``.
+        holdout: Optional non-members like ``images``, trained toward the soft target 1/2.
+        label_seed: Seed of the labels ``y_i ~ Bernoulli(1/2)``.
+        steps: Optimiser steps (total, counting steps done before a resume).
+        batch_size: Members per step (drawn with replacement).
+        holdout_batch_size: Hold-out images per step (default ``batch_size // 2``).
+        holdout_weight: Weight of the hold-out loss term.
+        lr: AdamW learning rate (constant).
+        weight_decay: AdamW weight decay (0: the protector is meant to overfit).
+        t_range: Train on ``t ∈ [lo, hi)`` only.
+        t_weights: ``[T]`` non-negative sampling weights over timesteps.
+        seed: Seed of batches, timesteps, noise and the default network's initialisation.
+        device: Where to train.
+        autocast: bf16 autocast (default: on for CUDA, off elsewhere).
+        target_accuracy: Stop once member accuracy on ``target_t_range`` reaches this (checked
+            every ``eval_every`` steps on all members with fixed noise).
+        target_t_range: Timesteps of that check (default: the least-noisy quarter).
+        eval_every: Steps between those checks.
+        checkpoint_dir: Folder for resumable training state (weights, optimiser, RNG).
+        checkpoint_every: Steps between checkpoints (default ``max(steps // 10, 1)``).
+        resume: Continue from the state in ``checkpoint_dir`` when there is one.
+        progress: Show a tqdm bar with loss and running member accuracy.
+        report_bins: Timestep bins of the report.
+        callback: Called as ``callback(step, metrics)`` after every step (after checkpointing).
+
+    Returns:
+        ``(protector, report)``: the trained module (eval mode) and a :class:`ProtectorReport`
+        carrying ``labels`` and ``fingerprint``.
+    """
+    from tqdm.auto import tqdm
+
+    x = as_image_tensor(images, "images")
+    h = None if holdout is None else as_image_tensor(holdout, "holdout")
+    if h is not None and h.shape[1:] != x.shape[1:]:
+        raise ValueError(
+            f"holdout images have shape {tuple(h.shape[1:])}, members {tuple(x.shape[1:])}"
+        )
+    steps = _check_int("steps", steps)
+    batch_size = _check_int("batch_size", batch_size)
+    eval_every = _check_int("eval_every", eval_every)
+    hb = batch_size // 2 if holdout_batch_size is None else holdout_batch_size
+    hb = _check_int("holdout_batch_size", max(hb, 1) if h is not None else 1)
+    every = max(steps // 10, 1) if checkpoint_every is None else checkpoint_every
+    every = _check_int("checkpoint_every", every)
+    if not float(lr) > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if target_accuracy is not None and not 0.0 < float(target_accuracy) <= 1.0:
+        raise ValueError(f"target_accuracy must be in (0, 1], got {target_accuracy!r}")
+    if not hasattr(schedule, "alphas_cumprod"):
+        raise TypeError("schedule must be a NoiseSchedule (with .alphas_cumprod)")
+    ac = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32).cpu()  # [T]
+    T = int(ac.shape[0])
+    t_range = _check_t_range(t_range, T)
+    target_t_range = _check_t_range(target_t_range, T) or (0, max(T // 4, 1))
+    sample_t = _timestep_sampler(T, t_range, t_weights)
+    device = torch.device(device)
+    use_amp = device.type == "cuda" if autocast is None else bool(autocast)
+    ckpt_dir = (
+        None if checkpoint_dir is None else ensure_writable_dir(checkpoint_dir, "checkpoint_dir")
+    )
+
+    n = x.shape[0]
+    labels = draw_labels(n, label_seed)  # [N] int64
+    fingerprint = dataset_fingerprint(x)
+    net = _build_protector(protector, x, seed).to(device)
+    _probe(net, x, device)
+    opt = torch.optim.AdamW(net.parameters(), lr=float(lr), weight_decay=float(weight_decay))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    schedule_config = schedule.to_config() if hasattr(schedule, "to_config") else None
+    identity = {
+        "fingerprint": fingerprint,
+        "holdout_fingerprint": None if h is None else dataset_fingerprint(h),
+        "label_seed": label_seed,
+        "seed": seed,
+        "batch_size": batch_size,
+        "holdout_batch_size": hb if h is not None else None,
+        "holdout_weight": float(holdout_weight),
+        "lr": float(lr),
+        "weight_decay": float(weight_decay),
+        "t_range": list(t_range) if t_range else None,
+        "t_weights_sha256": None
+        if t_weights is None
+        else hashlib.sha256(
+            torch.as_tensor(t_weights, dtype=torch.float64).numpy().tobytes()
+        ).hexdigest(),
+        "architecture": getattr(net, "config", None) or type(net).__qualname__,
+        "schedule_sha256": hashlib.sha256(ac.numpy().tobytes()).hexdigest(),
+    }
+    step, running_acc, loss_value, stopped_early, last_eval = 0, 0.5, float("nan"), False, None
+    if ckpt_dir is not None and resume:
+        loaded = _load_train_state(ckpt_dir, identity)
+        if loaded is not None:
+            state, tensors = loaded
+            net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            _restore_optimizer(
+                opt, {k: v.to(device) for k, v in tensors.items()}, state["optimizer"]
+            )
+            gen.set_state(tensors["rng.train"])
+            step = int(state["step"])
+            p = state["progress"]
+            running_acc, loss_value = p["running_accuracy"], p["loss"]
+            stopped_early, last_eval = p["stopped_early"], p["target_accuracy_measured"]
+
+    x_dev = x.to(device)
+    h_dev = None if h is None else h.to(device)
+    ac_dev = ac.to(device)
+    y_dev = labels.to(device).float()
+    eval_x = x[:4096]
+
+    def eval_target() -> float:
+        res = evaluate_protector(
+            net, eval_x, labels[:4096], ac, list(target_t_range), seed=seed + 1
+        )
+        return res["accuracy"][0]
+
+    started = time.perf_counter()
+    bar = tqdm(total=steps, initial=step, disable=not progress, desc="protector", leave=False)
+    net.train()
+    while step < steps and not stopped_early:
+        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        t = sample_t(batch_size, gen)
+        eps = torch.randn((batch_size, *x.shape[1:]), generator=gen)
+        xs = noised(x_dev[idx.to(device)], t.to(device), eps.to(device), ac_dev)
+        ts = t
+        if h_dev is not None:
+            hidx = torch.randint(0, h_dev.shape[0], (hb,), generator=gen)
+            ht = sample_t(hb, gen)
+            heps = torch.randn((hb, *x.shape[1:]), generator=gen)
+            xh = noised(h_dev[hidx.to(device)], ht.to(device), heps.to(device), ac_dev)
+            xs, ts = torch.cat([xs, xh]), torch.cat([t, ht])
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = net(xs, ts.to(device))
+        logits = logits.float()  # [B (+ hb)]
+        y = y_dev[idx.to(device)]
+        loss = F.binary_cross_entropy_with_logits(logits[:batch_size], y)
+        if h_dev is not None:
+            # Soft target 1/2: minimised at logit 0, i.e. no opinion about non-members.
+            half = torch.full_like(logits[batch_size:], 0.5)
+            loss = loss + holdout_weight * F.binary_cross_entropy_with_logits(
+                logits[batch_size:], half
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+
+        batch_acc = float(((logits[:batch_size].detach() > 0).float() == y).float().mean())
+        running_acc = 0.95 * running_acc + 0.05 * batch_acc
+        loss_value = float(loss.detach())
+        if not torch.isfinite(loss.detach()):
+            raise ValueError(f"training diverged at step {step} (loss {loss_value}); lower lr")
+        if target_accuracy is not None and (step % eval_every == 0 or step == steps):
+            last_eval = eval_target()
+            net.train()
+            stopped_early = last_eval >= float(target_accuracy) and step < steps
+        metrics = {"loss": loss_value, "running_accuracy": running_acc}
+        if last_eval is not None:
+            metrics["target_accuracy_measured"] = last_eval
+        bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{running_acc:.3f}")
+        bar.update(1)
+        if ckpt_dir is not None and (step % every == 0 or step == steps or stopped_early):
+            _save_train_state(
+                ckpt_dir,
+                step,
+                net,
+                opt,
+                gen,
+                identity,
+                {
+                    "running_accuracy": running_acc,
+                    "loss": loss_value,
+                    "stopped_early": stopped_early,
+                    "target_accuracy_measured": last_eval,
+                },
+            )
+        if callback is not None:
+            callback(step, metrics)
+    bar.close()
+    seconds = time.perf_counter() - started
+    net.eval()
+
+    edges = timestep_bins(0, T, report_bins)
+    member = evaluate_protector(net, x, labels, ac, edges, seed=seed + 2)
+    hold = None if h is None else evaluate_protector(net, h, None, ac, edges, seed=seed + 3)
+    training = {
+        "steps": steps,
+        "steps_run": step,
+        "stopped_early": stopped_early,
+        "target_accuracy": target_accuracy,
+        "target_t_range": list(target_t_range),
+        "target_accuracy_measured": last_eval,
+        "final_loss": loss_value,
+        "running_accuracy": running_acc,
+        "seconds_this_session": seconds,
+        "device": str(device),
+        "autocast_bf16": use_amp,
+        "holdout_count": 0 if h is None else int(h.shape[0]),
+        "schedule": schedule_config,
+        "settings": identity,
+    }
+    report = ProtectorReport(
+        labels=labels,
+        fingerprint=fingerprint,
+        label_seed=label_seed,
+        t_edges=edges,
+        member=member,
+        holdout=hold,
+        training=training,
+    )
+    return net, report
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _canonical_sha256(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(weights.safetensors, weights.json)`` for a file path or a folder."""
+    p = refuse_pickle(path)
+    if p.is_dir() or (not p.suffix and not p.exists()):
+        p = p / "protector.safetensors"
+    if p.suffix != ".safetensors":
+        raise ValueError(f"protector checkpoints end in .safetensors, got {str(p)!r}")
+    return p, p.with_suffix(".json")
+
+
+def _identity(meta: Mapping[str, Any]) -> dict:
+    """The fields that must agree between weights and sidecar."""
+    return {k: meta[k] for k in ("architecture", "label_seed", "labels", "fingerprint")}
+
+
+def save_protector(path: str | os.PathLike, protector: nn.Module, report: ProtectorReport) -> Path:
+    """Write ``path`` (safetensors weights) and its ``.json`` sidecar, each atomically.
+
+    The sidecar holds the architecture config, schedule config, label seed, labels,
+    fingerprint, training settings, the report and the package version, plus checksums tying
+    it to the weights: ``load_protector`` refuses a sidecar that was edited or that belongs to
+    other weights.
+
+    Args:
+        path: ``*.safetensors`` file, or a folder (``protector.safetensors`` inside).
+        protector: The trained module.
+        report: Its :class:`ProtectorReport`.
+
+    Returns:
+        The weights path.
+    """
+    if not isinstance(protector, nn.Module):
+        raise TypeError(f"protector must be an nn.Module, got {type(protector).__name__}")
+    if not isinstance(report, ProtectorReport):
+        raise TypeError(f"report must be a ProtectorReport, got {type(report).__name__}")
+    weights, sidecar = _checkpoint_paths(path)
+    ensure_writable_dir(weights.parent, "checkpoint folder")
+    config = getattr(protector, "config", None)
+    is_default = isinstance(protector, ProtectorNet)
+    meta: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "package_version": __version__,
+        "architecture": {
+            "class": "ProtectorNet" if is_default else type(protector).__qualname__,
+            "config": dict(config) if is_default else None,
+        },
+        "schedule": report.training.get("schedule"),
+        "label_seed": int(report.label_seed),
+        "labels": [int(v) for v in report.labels.tolist()],
+        "fingerprint": dict(report.fingerprint),
+        "training": {k: v for k, v in report.training.items() if k != "schedule"},
+        "report": report.to_dict(),
+    }
+    meta_hash = _canonical_sha256(_identity(meta))
+    save_safetensors_atomic(
+        weights,
+        protector.state_dict(),
+        metadata={"format": CHECKPOINT_FORMAT, "meta_sha256": meta_hash},
+    )
+    meta["meta_sha256"] = meta_hash
+    meta["weights_sha256"] = _file_sha256(weights)
+    meta["sidecar_sha256"] = _canonical_sha256(meta)
+    write_json_atomic(sidecar, meta)
+    return weights
+
+
+def load_protector(
+    path: str | os.PathLike,
+    *,
+    protector: nn.Module | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Read a protector written by :func:`save_protector`.
+
+    Args:
+        path: The ``.safetensors`` file or its folder. Pickle files are refused.
+        protector: Module to load the weights into (needed for custom architectures; default:
+            rebuild ``ProtectorNet`` from the sidecar's config).
+        device: Where to put the weights.
+
+    Returns:
+        ``(protector, meta)``: the module in eval mode and the sidecar dictionary (labels,
+        fingerprint, schedule config, report, ...; ``meta["labels"]`` is a list of ints).
+
+    Raises:
+        ValueError: pickle file, edited sidecar, or weights and sidecar that do not belong
+            together. FileNotFoundError: missing file.
+    """
+    weights, sidecar = _checkpoint_paths(path)
+    if not weights.is_file():
+        raise FileNotFoundError(f"no protector weights at {str(weights)!r}")
+    if not sidecar.is_file():
+        raise FileNotFoundError(
+            f"no sidecar {str(sidecar)!r}: a protector is unusable without its labels and "
+            "fingerprint"
+        )
+    meta = read_json(sidecar)
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(sidecar)!r} is not a cpsample_fast protector sidecar")
+    claimed = meta.pop("sidecar_sha256", None)
+    if claimed != _canonical_sha256(meta):
+        raise ValueError(f"sidecar {str(sidecar)!r} was modified after it was written; refusing")
+    meta["sidecar_sha256"] = claimed
+    if meta.get("weights_sha256") != _file_sha256(weights):
+        raise ValueError(
+            f"weights {str(weights)!r} do not match their sidecar (different or modified file)"
+        )
+    header = safetensors_metadata(weights)
+    if header.get("meta_sha256") != meta.get("meta_sha256") or meta.get(
+        "meta_sha256"
+    ) != _canonical_sha256(_identity(meta)):
+        raise ValueError(f"sidecar {str(sidecar)!r} belongs to other weights; refusing")
+    arch = meta["architecture"]
+    if protector is None:
+        if arch["class"] != "ProtectorNet" or arch["config"] is None:
+            raise ValueError(
+                f"checkpoint holds a custom protector ({arch['class']}); pass protector= an "
+                "instance of that class to load the weights into"
+            )
+        protector = ProtectorNet.from_config(arch["config"])
+    state = load_safetensors(weights, device="cpu")
+    protector.load_state_dict(state, strict=True)
+    return protector.to(device).eval(), meta
