@@ -76,17 +76,18 @@ PROVIDERS: dict[str, ProviderSpec] = {
     )
 }
 
+# Cheap ones first, the compiled ones last: a run cut short by a time limit keeps the most.
 DEFAULT_PROVIDERS = (
     "reference",
     "reference+bf16",
+    "ddim",
     "fused",
     "fused+compile",
     "fused+compile+bf16",
     "fused+cudagraph",
-    "ddim",
 )
 # --quick: no torch.compile (compiling even the tiny UNet takes tens of seconds on 2 cores).
-QUICK_PROVIDERS = ("reference", "reference+bf16", "fused", "ddim")
+QUICK_PROVIDERS = ("reference", "reference+bf16", "ddim", "fused")
 
 
 def parse_providers(values, device: torch.device, *, quick: bool = False) -> list[str]:
@@ -105,7 +106,10 @@ def parse_providers(values, device: torch.device, *, quick: bool = False) -> lis
             raise ValueError(f"--providers: unknown provider {name!r}; known: {list(PROVIDERS)}")
         if PROVIDERS[name].cuda_only and device.type != "cuda":
             raise ValueError(f"--providers: {name!r} needs a CUDA device, got {device}")
-    return list(dict.fromkeys(names))
+    names = list(dict.fromkeys(names))
+    # The baselines first: later rows need them for their same-run ratios.
+    first = [n for n in ("reference", "reference+bf16") if n in names]
+    return first + [n for n in names if n not in first]
 
 
 @dataclass
@@ -175,8 +179,12 @@ def _objective(f: torch.Tensor) -> torch.Tensor:
     return F.logsigmoid(f.abs())
 
 
-class _Context:
-    """Models, schedule, shapes and the shared initial noise of one run."""
+class SamplingContext:
+    """Models, schedule, shapes and the shared initial noise of one run.
+
+    ``make_runner(spec)`` gives a provider's zero-argument sampling call; the pytest-benchmark
+    files time the same calls as ``cpsample bench``.
+    """
 
     def __init__(self, settings: SamplerBenchSettings):
         self.settings = settings
@@ -335,19 +343,26 @@ def _error(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 def run_sampler_bench(
-    settings: SamplerBenchSettings, progress: Callable[[str], None] | None = None
+    settings: SamplerBenchSettings,
+    progress: Callable[[str], None] | None = None,
+    on_rows: Callable[[list[Row]], None] | None = None,
 ) -> SamplerBenchResult:
     """Measure every provider of ``settings`` in this process; failures are recorded, not raised.
+
+    Providers are measured in the order given (the references first, see
+    :func:`parse_providers`, so that every later row carries its same-run ratios).
 
     Args:
         settings: what to measure.
         progress: called with a short description before each stage (for a progress bar).
+        on_rows: called with each provider's rows as soon as it is measured (so a run killed
+            by a time limit keeps what it measured).
 
     Returns:
         A :class:`SamplerBenchResult` with the CSV rows of every measured quantity.
     """
     say = progress or (lambda _msg: None)
-    ctx = _Context(settings)
+    ctx = SamplingContext(settings)
     s = settings
     errors: dict[str, str] = {}
     ref64 = gate_fraction = None
@@ -358,6 +373,7 @@ def run_sampler_bench(
         except Exception as exc:  # keep measuring the speed even without the accuracy baseline
             errors["reference-fp64"] = f"{type(exc).__name__}: {exc}"
     results: list[ProviderResult] = []
+    rows: list[Row] = []
     for name in s.providers:
         spec = PROVIDERS[name]
         say(name)
@@ -378,8 +394,11 @@ def run_sampler_bench(
         if ref64 is not None and spec.guided:
             result.err_vs_fp64, result.rms_err_vs_fp64 = _error(samples, ref64)
         results.append(result)
-    _ratios(results)
-    rows = _rows(settings, results, gate_fraction)
+        _ratios(results)
+        new_rows = _rows(settings, [result], gate_fraction)
+        rows += new_rows
+        if on_rows is not None:
+            on_rows(new_rows)
     return SamplerBenchResult(settings, results, errors, gate_fraction, rows)
 
 
@@ -484,13 +503,19 @@ def format_table(result: SamplerBenchResult) -> str:
         )
     for name, msg in result.errors.items():
         if not name.endswith(":traceback"):
-            lines.append(f"{name:<20} FAILED: {msg.splitlines()[0][:160] if msg else ''}")
+            lines.append(f"{name:<20} FAILED: {short_error(msg)}")
     lines.append(
         "ms columns are per step (median); eps / prot f+b / update timed alone at the same shapes; "
         "x ref = reference median / provider median; err/ref = error vs fp64 over the reference's "
         "in the same model dtype (rule: <= 2)."
     )
     return "\n".join(lines)
+
+
+def short_error(msg: str, width: int = 200) -> str:
+    """The first two non-empty lines of an error message, on one line (for tables)."""
+    parts = [line.strip() for line in msg.splitlines() if line.strip()][:2]
+    return " ".join(parts)[:width]
 
 
 def summary(result: SamplerBenchResult) -> dict:

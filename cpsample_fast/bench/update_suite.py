@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .records import Row
+from .sampler_suite import short_error
 from .timing import Timing, measure
 
 OP = "guided_update"
@@ -194,6 +195,6 @@ def format_update_table(measurements: list[UpdateMeasurement], errors: dict[str,
         lines.append(f"{name:<26}" + "".join(cells))
     for key, msg in errors.items():
         if not key.endswith(":traceback"):
-            lines.append(f"{key:<26} FAILED: {msg.splitlines()[0][:160] if msg else ''}")
+            lines.append(f"{key:<26} FAILED: {short_error(msg)}")
     lines.append("bytes: 3 reads + 1 write of float32 per element (copy: 1 read + 1 write)")
     return "\n".join(lines)

@@ -66,6 +66,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests and CI")
 
 
+class _Progress:
+    """A tqdm bar on stderr counting stages (plain lines when tqdm is not installed)."""
+
+    def __init__(self) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.bar = None
+        else:
+            self.bar = tqdm(total=0, desc="cpsample bench", file=sys.stderr, unit="stage")
+
+    def step(self, msg: str) -> None:
+        """Count one stage and show what runs now."""
+        if self.bar is None:
+            print(f"[cpsample bench] {msg}", file=sys.stderr, flush=True)
+            return
+        self.bar.total += 1
+        self.bar.update(1)
+        self.bar.set_description(msg[:40])
+
+    def close(self) -> None:
+        """End the bar."""
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _check_positive(name: str, value) -> None:
     if value is not None and (not isinstance(value, int) or value < 1):
         raise ValueError(f"--{name} must be a positive integer, got {value!r}")
@@ -73,8 +99,6 @@ def _check_positive(name: str, value) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args``; returns 0, or 1 when any provider failed."""
-    from tqdm import tqdm
-
     from ..bench import (
         Environment,
         SamplerBenchSettings,
@@ -95,86 +119,99 @@ def main(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
     if args.config is not None:
         config = get_config(args.config)
     else:
-        config = get_config(
-            "tiny" if args.quick else ("gpu35m" if device.type == "cuda" else "cifar")
-        )
-    out_dir = ensure_writable_dir(args.out, "--out") if args.out else None
-    env = Environment.capture(device)
-    providers = parse_providers(args.providers, device, quick=args.quick)
-    repeats = args.repeats or (2 if args.quick else 3)
-
-    records, tables, report = [], [], {"environment": env.__dict__}
-    failed = False
-    bar = tqdm(total=0, desc="cpsample bench", file=sys.stderr, unit="stage", leave=False)
-
-    def progress(msg: str) -> None:
-        bar.total += 1
-        bar.update(1)
-        bar.set_description(msg[:40])
-
-    if args.suite in ("sampler", "all"):
-        settings = SamplerBenchSettings(
-            config=config,
-            device=device,
-            batch=args.batch or config.batch,
-            steps=args.steps or config.steps,
-            providers=providers,
-            repeats=repeats,
-            warmup=args.warmup,
-            scale=args.scale,
-            alpha=args.alpha,
-            backend=args.backend,
-            accuracy=not args.no_accuracy,
-        )
-        result = run_sampler_bench(settings, progress)
-        records += [row.to_record(env) for row in result.rows]
-        tables.append(format_table(result))
-        report["sampler"] = summary(result)
-        failed |= bool(result.errors)
+        default = "tiny" if args.quick else ("gpu35m" if device.type == "cuda" else "cifar")
+        config = get_config(default)
+    sizes = None
     if args.suite in ("update", "all"):
         if args.sizes:
-            sizes = tuple(int(s) for s in args.sizes)
-            if any(s < 1 for s in sizes):
+            sizes = tuple(int(v) for v in args.sizes)
+            if any(v < 1 for v in sizes):
                 raise ValueError(f"--sizes must be positive element counts, got {args.sizes}")
         else:
             sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES[device.type]
-        usettings = UpdateBenchSettings(
-            device=device, sizes=sizes, repeats=max(repeats, 3), compile=not args.quick
-        )
-        measurements, rows, errors = run_update_bench(usettings, progress)
-        records += [row.to_record(env) for row in rows]
-        tables.append(format_update_table(measurements, errors))
-        report["update"] = {
-            "settings": usettings.to_dict(),
-            "errors": errors,
-            "measurements": [
-                {
-                    "provider": m.provider,
-                    "numel": m.numel,
-                    "gbps": m.gbps[0],
-                    "frac_of_copy": m.frac_of_copy,
-                }
-                for m in measurements
-            ],
-        }
-        failed |= bool(errors)
-    bar.close()
-    table = "\n\n".join(tables)
-    report["table"] = table
-    report["rows"] = records
+    providers = parse_providers(args.providers, device, quick=args.quick)
+    out_dir = ensure_writable_dir(args.out, "--out") if args.out else None
+    env = Environment.capture(device)
+    repeats = args.repeats or (2 if args.quick else 3)
+
+    records: list[dict] = []
+    tables: list[str] = []
+    report: dict = {"environment": env.__dict__, "argv": vars(args_for_json(args))}
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    csv_path = json_path = None
     if out_dir is not None:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        csv_path = append_csv(out_dir / "bench.csv", records)
-        json_path = write_json_atomic(
-            out_dir / f"bench_{config.name}_{device.type}_{stamp}.json", report
-        )
+        csv_path = out_dir / "bench.csv"
+        json_path = out_dir / f"bench_{config.name}_{device.type}_{stamp}.json"
+
+    def flush(rows) -> None:
+        # Each provider's rows reach the CSV and the JSON as soon as it is measured, so a run
+        # cut short by a time limit keeps what it measured.
+        new = [row.to_record(env) for row in rows]
+        records.extend(new)
+        if out_dir is not None:
+            append_csv(csv_path, new)
+            write_json_atomic(json_path, {**report, "rows": records, "complete": False})
+
+    failed = False
+    bar = _Progress()
+    try:
+        if args.suite in ("sampler", "all"):
+            settings = SamplerBenchSettings(
+                config=config,
+                device=device,
+                batch=args.batch or config.batch,
+                steps=args.steps or config.steps,
+                providers=providers,
+                repeats=repeats,
+                warmup=args.warmup,
+                scale=args.scale,
+                alpha=args.alpha,
+                backend=args.backend,
+                accuracy=not args.no_accuracy,
+            )
+            result = run_sampler_bench(settings, bar.step, flush)
+            tables.append(format_table(result))
+            report["sampler"] = summary(result)
+            failed |= bool(result.errors)
+        if sizes is not None:
+            usettings = UpdateBenchSettings(
+                device=device, sizes=sizes, repeats=max(repeats, 3), compile=not args.quick
+            )
+            measurements, rows, errors = run_update_bench(usettings, bar.step)
+            flush(rows)
+            tables.append(format_update_table(measurements, errors))
+            report["update"] = {
+                "settings": usettings.to_dict(),
+                "errors": errors,
+                "measurements": [
+                    {
+                        "provider": m.provider,
+                        "numel": m.numel,
+                        "gbps": m.gbps[0],
+                        "frac_of_copy": m.frac_of_copy,
+                    }
+                    for m in measurements
+                ],
+            }
+            failed |= bool(errors)
+    finally:
+        bar.close()
+    table = "\n\n".join(tables)
+    report.update(table=table, rows=records, complete=True)
+    if out_dir is not None:
+        write_json_atomic(json_path, report)
         print(f"wrote {csv_path} (+{len(records)} rows) and {json_path}", file=sys.stderr)
-    print(table)
+    print(table, flush=True)
     return 1 if failed else 0
+
+
+def args_for_json(args: argparse.Namespace) -> argparse.Namespace:
+    """The parsed options without the dispatcher's private entries (JSON-able)."""
+    return argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_")})

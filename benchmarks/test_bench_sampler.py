@@ -1,0 +1,94 @@
+"""Whole sampling calls per provider (reference, fused, compiled, bf16, CUDA graphs, DDIM floor).
+
+The providers are ``cpsample_fast.bench.sampler_suite.PROVIDERS`` (the reference is the
+package's ``reference_sample``); each round is one ``sample()`` call, synchronised on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpsample_fast.bench.records import Row
+from cpsample_fast.bench.sampler_suite import PROVIDERS
+from cpsample_fast.bench.timing import synchronize
+
+from .conftest import bench_device
+
+NAMES = [
+    n
+    for n in (
+        "reference",
+        "fused",
+        "fused+compile",
+        "fused+compile+bf16",
+        "fused+cudagraph",
+        "ddim",
+    )
+    if bench_device().type == "cuda" or not PROVIDERS[n].cuda_only
+]
+
+
+@pytest.mark.parametrize("provider", NAMES)
+def test_sample(benchmark, sampling_context, collector, provider):
+    ctx = sampling_context
+    spec = PROVIDERS[provider]
+    run, backend = ctx.make_runner(spec)
+    device = ctx.device
+
+    def call():
+        out = run()
+        synchronize(device)
+        return out
+
+    call()  # warm-up outside the timer: compilation, allocator, CUDA graph capture
+    if spec.compile:
+        call()
+    s = ctx.settings
+    out = benchmark.pedantic(call, rounds=s.repeats, iterations=1, warmup_rounds=0)
+    assert out.shape == ctx.shape and torch.isfinite(out).all()
+    benchmark.extra_info.update(
+        {"config": s.config.name, "batch": s.batch, "steps": s.steps, "backend": backend}
+    )
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:  # --benchmark-disable: the call ran once, nothing was timed
+        return
+    data = sorted(stats.stats.data)
+    med = stats.stats.median
+    p20 = data[int(0.2 * (len(data) - 1))]
+    p80 = data[int(round(0.8 * (len(data) - 1)))]
+    op = f"sample/{s.config.name}"
+    extra = {"steps": s.steps, "update_backend": backend, "source": "pytest-benchmark"}
+    B = s.batch
+    collector.rows.append(
+        Row(
+            op,
+            provider,
+            "sample",
+            "images_per_s",
+            "img/s",
+            "batch",
+            B,
+            B / med,
+            B / p80,
+            B / p20,
+            extra,
+        )
+    )
+    k = 1000.0 / s.steps
+    collector.rows.append(
+        Row(
+            op,
+            provider,
+            "sample",
+            "ms_per_step",
+            "ms",
+            "batch",
+            B,
+            med * k,
+            p20 * k,
+            p80 * k,
+            extra,
+        )
+    )
+    collector.seconds[(op, provider)] = (med, p20, p80)
