@@ -77,6 +77,10 @@ def test_launch_geometry_invariance(monkeypatch):
     monkeypatch.setattr(triton_impl, "_block_size", lambda n: (16, 4))
     small = run("triton", x, o, g, None, coefs, rng, 1, True, True)
     assert torch.equal(big, small)
+    # Batches above the grid's y limit go in several launches (limit lowered to 2 here).
+    monkeypatch.setattr(triton_impl, "MAX_GRID_Y", 2)
+    chunked = run("triton", x, o, g, None, coefs, rng, 1, True, True)
+    assert torch.equal(big, chunked)
     # A sample drawn alone (batch 1, sample_offset = b) equals its row in the batch.
     alone = run("triton", x[2:3], o[2:3], g[2:3], None, coefs, torch.tensor([3, 2, 2]), 1, True,
                 True)  # fmt: skip

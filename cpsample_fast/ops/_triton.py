@@ -15,8 +15,9 @@ Design of ``_guided_update_kernel`` (docs/CONTRACTS.md "The fused update"):
   ``i`` (sample) come straight from the program ids, so no per-element integer division / modulo
   (a 32-bit div+mod is ~20 instructions per element on NVIDIA GPUs, comparable to a third of a
   Philox round), and the sample's base offset is one scalar per program. The block axis is
-  grid axis 0 (up to 2**31 - 1 programs); the batch is axis 1 (≤ 65535 samples per launch,
-  checked). The price is a partly masked last block per sample when ``N % BLOCK != 0``.
+  grid axis 0 (up to 2**31 - 1 programs); the batch is axis 1 (at most 65535 samples per
+  launch; larger batches take one launch per 65535 samples). The price is a partly masked last
+  block per sample when ``N % BLOCK != 0``.
 - Coefficients and RNG state are read from device tensors inside the kernel: a new step needs
   no host sync and a CUDA-graph replay draws fresh noise.
 - Divisions use ``tl.math.div_rn`` (IEEE round-to-nearest, like torch and CUDA's ``/``); Triton's
@@ -90,6 +91,7 @@ if triton is not None:
         rng_ptr,  # [3] int64: seed, step k, sample_offset
         out_ptr,  # [B, N] float32
         n_per_sample,
+        first_sample,  # batch position of this launch's first sample (chunks of 65535)
         PREDICTION_TYPE: tl.constexpr,  # 0 epsilon, 1 v_prediction, 2 sample
         CLIP_SAMPLE: tl.constexpr,
         HAS_GUIDANCE: tl.constexpr,
@@ -97,7 +99,7 @@ if triton is not None:
         BLOCK: tl.constexpr,
     ):
         pid_block = tl.program_id(0)
-        b = tl.program_id(1)
+        b = tl.program_id(1) + first_sample
         j = pid_block * BLOCK + tl.arange(0, BLOCK)  # element index inside the sample
         mask = j < n_per_sample
         offs = b.to(tl.int64) * n_per_sample + j
@@ -170,11 +172,6 @@ def guided_update(
     n = x.numel() // batch if batch else 0
     if n == 0:
         return out
-    if batch > MAX_GRID_Y:
-        raise ValueError(
-            f"backend='triton' launches at most {MAX_GRID_Y} samples at once (grid axis 1), got "
-            f"a batch of {batch}; split the batch or use another backend"
-        )
     if noise is not None:
         noise_mode = NOISE_TENSOR
     elif draw_noise:
@@ -182,23 +179,25 @@ def guided_update(
     else:
         noise_mode = NOISE_NONE
     block, num_warps = _block_size(n)
-    grid = (triton.cdiv(n, block), batch)
-    _guided_update_kernel[grid](
-        x,
-        model_out,
-        guidance if guidance is not None else x,  # never read without HAS_GUIDANCE
-        noise if noise is not None else x,  # never read unless NOISE_MODE == 1
-        coefs,
-        rng,
-        out,
-        n,
-        PREDICTION_TYPE=prediction_type,
-        CLIP_SAMPLE=bool(clip_sample),
-        HAS_GUIDANCE=guidance is not None,
-        NOISE_MODE=noise_mode,
-        BLOCK=block,
-        num_warps=num_warps,
-    )
+    for first in range(0, batch, MAX_GRID_Y):  # one launch unless batch > 65535
+        grid = (triton.cdiv(n, block), min(batch - first, MAX_GRID_Y))
+        _guided_update_kernel[grid](
+            x,
+            model_out,
+            guidance if guidance is not None else x,  # never read without HAS_GUIDANCE
+            noise if noise is not None else x,  # never read unless NOISE_MODE == 1
+            coefs,
+            rng,
+            out,
+            n,
+            first,
+            PREDICTION_TYPE=prediction_type,
+            CLIP_SAMPLE=bool(clip_sample),
+            HAS_GUIDANCE=guidance is not None,
+            NOISE_MODE=noise_mode,
+            BLOCK=block,
+            num_warps=num_warps,
+        )
     return out
 
 

@@ -113,7 +113,7 @@ def check_guided_update_args(
         raise TypeError(f"guided_update: draw_noise must be a bool, got {draw_noise!r}")
     if backend not in BACKENDS:
         raise ValueError(f"guided_update: backend must be one of {BACKENDS}, got {backend!r}")
-    n = x[0].numel() if x.shape[0] > 0 else 0
+    n = x.numel() // x.shape[0] if x.shape[0] > 0 else 0
     if n >= _MAX_NUMEL_PER_SAMPLE:
         raise ValueError(
             f"guided_update: a sample of x has {n} elements; the Philox element counter allows "
@@ -169,8 +169,9 @@ def available_backends(device: torch.device | str) -> list[str]:
 _RESOLVED: dict[tuple[str, str], str] = {}
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device | str) -> str:
     """The concrete backend for ``backend`` on ``device``; raise if it cannot run there."""
+    device = torch.device(device)
     key = (backend, device.type)
     name = _RESOLVED.get(key)
     if name is not None:
