@@ -264,6 +264,30 @@ def _guided_update_fake(
     return torch.empty_like(x)
 
 
+def _setup_context(ctx, inputs, output):
+    x, model_out, guidance, noise, coefs, _rng, prediction_type, clip_sample, _draw, _be = inputs
+    ctx.save_for_backward(x, model_out, guidance, coefs)
+    ctx.prediction_type = prediction_type
+    ctx.clip_sample = clip_sample
+    ctx.has_guidance = guidance is not None
+    ctx.has_noise = noise is not None
+
+
+def _backward(ctx, grad_out):
+    x, model_out, guidance, coefs = ctx.saved_tensors
+    gx, go, gg, gz = _torch.guided_update_backward(
+        grad_out, x, model_out, guidance, coefs, ctx.prediction_type, ctx.clip_sample
+    )
+    gg = gg if ctx.has_guidance else None
+    gz = gz if ctx.has_noise else None
+    # No gradient for coefs, rng and the non-tensor options.
+    return gx, go, gg, gz, None, None, None, None, None, None
+
+
+# Every backend computes the same function, so one backward (torch math) serves them all.
+_guided_update_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def guided_update(
     x: torch.Tensor,  # [B, ...] float32 contiguous, x_t
     model_out: torch.Tensor,  # [B, ...] float32, raw eps-model output
