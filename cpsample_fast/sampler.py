@@ -1,0 +1,290 @@
+"""CPSampler: the fast protected DDIM loop (SPEC §3), free of host synchronisation.
+
+One step is: eps-model forward, protector forward + one VJP (``torch.func.vjp``, input gradient
+only), the ``cpsample::guidance_seed`` op turning logits into the per-sample VJP seed, and one
+fused ``cpsample::guided_update``. Schedule coefficients live in device tables indexed by a step
+tensor, the gate never reaches the host, and NaN/inf is recorded on the device (first bad step
+per source) and checked once after the loop. With ``compile=True`` the whole step is one
+``torch.compile(fullgraph=True)`` graph reused for every step of every run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import noise as _noise
+from . import ops
+from .adapters import ModelCaller
+from .guidance import mode_id
+from .trace import SamplingTrace
+from .validation import (
+    check_model_output,
+    check_noise_args,
+    check_protector_output,
+    check_sampling_args,
+    check_shape,
+)
+
+_PREDICTION_IDS = {"epsilon": 0, "v_prediction": 1, "sample": 2}
+# Sources whose first non-finite step is recorded on the device, in this order.
+_BAD_SOURCES = ("eps_model", "protector", "the update")
+
+
+class CPSampler:
+    """Drop-in fast CPSample sampler (SPEC §5), same results as ``reference_sample``.
+
+    Args:
+        eps_model: ``eps_model(x [B,C,H,W], t int64 [B]) -> [B,C,H,W]``; any dtype / memory
+            format (it is fed its own; x_t and the update stay float32).
+        protector: ``protector(x, t) -> logits [B]`` or None (plain DDIM).
+        schedule: a ``NoiseSchedule``.
+        num_inference_steps: number of DDIM steps.
+        eta: DDIM η ≥ 0.
+        scale: guidance scale s ≥ 0 (0 = plain DDIM).
+        alpha: gate threshold α ∈ (0, 0.5].
+        mode: ``"repel"``, ``"attract"`` or ``"entropy"``.
+        backend: fused-update backend, ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpp"`` or
+            ``"torch"``.
+        compile: False, True (``torch.compile(fullgraph=True)`` of the whole step) or a
+            ``torch.compile`` mode string such as ``"reduce-overhead"`` (CUDA graphs on GPU).
+        guidance_range: optional inclusive ``(t_min, t_max)`` of training timesteps where the
+            protector is run; elsewhere the step skips it entirely (a static, per-step choice:
+            use it where the protector's report shows it never reaches the gate).
+    """
+
+    def __init__(
+        self,
+        eps_model,
+        protector,
+        schedule,
+        *,
+        num_inference_steps: int,
+        eta: float = 0.0,
+        scale: float = 0.0,
+        alpha: float = 0.001,
+        mode: str = "repel",
+        backend: str = "auto",
+        compile: bool | str = False,
+        guidance_range: tuple[int, int] | None = None,
+    ):
+        check_sampling_args(
+            schedule,
+            num_inference_steps=num_inference_steps,
+            eta=eta,
+            scale=scale,
+            alpha=alpha,
+            mode=mode,
+        )
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        if guidance_range is not None:
+            lo, hi = (int(v) for v in guidance_range)
+            if lo > hi:
+                raise ValueError(
+                    f"guidance_range must be (t_min, t_max), t_min <= t_max; got {guidance_range}"
+                )
+            guidance_range = (lo, hi)
+        self.eps_model = eps_model
+        self.protector = protector
+        self.schedule = schedule
+        self.num_inference_steps = num_inference_steps
+        self.eta = float(eta)
+        self.scale = float(scale)
+        self.alpha = float(alpha)
+        self.mode = mode
+        self.backend = backend
+        self.compile = compile
+        self.guidance_range = guidance_range
+        self._eps = ModelCaller(eps_model)
+        self._prot = ModelCaller(protector) if protector is not None else None
+        self._prediction = _PREDICTION_IDS[schedule.prediction_type]
+        self._mode_id = mode_id(mode)
+
+        n = num_inference_steps
+        self.timesteps = schedule.timesteps(n)  # [n] int64, host
+        c = schedule.step_coefficients(n, self.eta)
+        clip = torch.full((n,), float(schedule.clip_sample_range), dtype=torch.float32)
+        # [n, 6]: (√ᾱ_t, √(1-ᾱ_t), √ᾱ', √(1-ᾱ'-σ²), σ, clip range) — the update op's `coefs`
+        self._coef_table = (
+            torch.stack(
+                [
+                    c["sqrt_alpha"],
+                    c["sqrt_one_minus_alpha"],
+                    c["sqrt_alpha_prev"],
+                    c["dir_coef"],
+                    c["sigma"],
+                    clip,
+                ],
+                dim=1,
+            )
+            .to(torch.float32)
+            .contiguous()
+        )
+        # [n]: s·√(1-ᾱ_t), the seed op's scale
+        self._scale_table = (self.scale * c["sqrt_one_minus_alpha"]).to(torch.float32)
+        # Static per-step choice (known on the host before the loop): run the protector?
+        guided = protector is not None and self.scale > 0
+        self._guided_steps = [
+            guided and (guidance_range is None or guidance_range[0] <= int(t) <= guidance_range[1])
+            for t in self.timesteps
+        ]
+        self._tables: dict = {}
+        self._compiled = {}
+        # torch.compile backend; tests swap in a graph counter to check "one graph, all steps"
+        self.compile_backend = "inductor"
+
+    # ------------------------------------------------------------------ the step
+    def _step(self, x, k, tables, rng_base, z, guided: bool, draw_noise: bool):
+        """One protected step (SPEC §3 steps 1–7) with no host synchronisation.
+
+        ``x`` ``[B, C, H, W]`` float32; ``k`` 0-dim int64 step index on x's device; ``z``
+        explicit noise ``[B, C, H, W]`` or None; ``guided``/``draw_noise`` are static.
+        Returns ``(x_next, logits, confidence, gate, finite_flags [3])``.
+        """
+        B = x.shape[0]
+        # index_select with a [1] tensor, not table[k]: indexing by a 0-dim tensor makes dynamo
+        # specialise on its value (k.item() guard) and recompile for every step
+        k1 = k.reshape(1)
+        coefs = tables["coefs"].index_select(0, k1)[0]  # [6]
+        t = tables["timesteps"].index_select(0, k1).expand(B)  # [B] int64
+        out = check_model_output(self._eps(x, t), x, None, None).float()
+        if guided:
+
+            def logits_of(x_in):
+                return check_protector_output(self._prot(x_in, t), B, None, None).float()
+
+            f, vjp_fn = torch.func.vjp(logits_of, x)
+            c, q, m = ops.guidance_seed(
+                f,
+                tables["scale"].index_select(0, k1).reshape(()),
+                self.alpha,
+                self._mode_id,
+                backend=self._seed_backend,
+            )
+            (g,) = vjp_fn(c)
+            finite_f = torch.isfinite(f).all()
+        else:
+            g = None
+            f = q = m = None
+            finite_f = torch.ones((), dtype=torch.bool, device=x.device)
+        rng = torch.stack([rng_base[0], k, rng_base[1]])
+        x_next = ops.guided_update(
+            x,
+            out,
+            g,
+            z,
+            coefs,
+            rng,
+            prediction_type=self._prediction,
+            clip_sample=bool(self.schedule.clip_sample),
+            draw_noise=draw_noise,
+            backend=self._backend,
+        )
+        finite = torch.stack([torch.isfinite(out).all(), finite_f, torch.isfinite(x_next).all()])
+        return x_next, f, q, m, finite
+
+    # ------------------------------------------------------------------ helpers
+    def _device_tables(self, device) -> dict:
+        key = str(device)
+        if key not in self._tables:
+            self._tables[key] = {
+                "coefs": self._coef_table.to(device),
+                "scale": self._scale_table.to(device),
+                "timesteps": self.timesteps.to(device),
+                "steps": torch.arange(self.num_inference_steps, device=device),
+            }
+        return self._tables[key]
+
+    def _step_fn(self, guided: bool, draw_noise: bool):
+        if not self.compile:
+            return self._step
+        key = (guided, draw_noise)
+        if key not in self._compiled:
+            mode = self.compile if isinstance(self.compile, str) else None
+            self._compiled[key] = torch.compile(
+                self._step, fullgraph=True, mode=mode, backend=self.compile_backend
+            )
+        return self._compiled[key]
+
+    # ------------------------------------------------------------------ public
+    @torch.no_grad()
+    def sample(
+        self,
+        shape,
+        *,
+        seed: int = 0,
+        noise: torch.Tensor | None = None,
+        step_noise: torch.Tensor | None = None,
+        sample_offset: int = 0,
+        return_trace: bool = False,
+        device=None,
+        callback=None,
+    ):
+        """Draw protected samples (SPEC §3), same keyword arguments as ``reference_sample``.
+
+        Args:
+            shape: ``(B, C, H, W)``.
+            seed: seed of the counter-based noise (SPEC §4).
+            noise: explicit initial ``x_T`` ``[B, C, H, W]``.
+            step_noise: explicit per-step ``z`` ``[steps, B, C, H, W]``.
+            sample_offset: global index of the first sample (batch/rank invariance).
+            return_trace: also return the per-step confidence/gate :class:`SamplingTrace`.
+            device: where to sample (default: ``noise``'s device, else the eps-model's, else CPU).
+            callback: optional ``callback(step, t, x)``; called after every step (it may sync).
+
+        Returns:
+            Final images ``[B, C, H, W]`` float32 (and the trace when asked).
+        """
+        shape = check_shape(shape)
+        n = self.num_inference_steps
+        check_noise_args(shape, n, noise, step_noise)
+        device = torch.device(device) if device is not None else self._default_device(noise)
+        self._backend = ops.resolve_backend(self.backend, device)
+        self._seed_backend = "torch"
+        tables = self._device_tables(device)
+        if noise is not None:
+            x = noise.to(device=device, dtype=torch.float32).contiguous()
+        else:
+            x = _noise.initial_noise(seed, shape, sample_offset=sample_offset, device=device)
+        if step_noise is not None:
+            step_noise = step_noise.to(device=device, dtype=torch.float32)
+
+        B = shape[0]
+        rng_base = torch.tensor([int(seed), int(sample_offset)], dtype=torch.int64, device=device)
+        draw = self.eta > 0 and step_noise is None
+        trace = SamplingTrace.empty(self.timesteps, B, device) if return_trace else None
+        first_bad = torch.full((3,), n, dtype=torch.int64, device=device)
+        for k in range(n):
+            k_t = tables["steps"][k]
+            z = step_noise[k].contiguous() if (step_noise is not None and self.eta > 0) else None
+            guided = self._guided_steps[k]
+            x, f, q, m, finite = self._step_fn(guided, draw)(
+                x, k_t, tables, rng_base, z, guided, draw
+            )
+            first_bad = torch.where(~finite & (first_bad == n), k_t, first_bad)
+            if trace is not None and guided:
+                trace.logits[k] = f
+                trace.confidence[k] = q
+                trace.gate[k] = m
+            if callback is not None:
+                callback(k, int(self.timesteps[k]), x)
+        self._raise_if_bad(first_bad)  # the loop's only host synchronisation
+        return (x, trace) if return_trace else x
+
+    def _default_device(self, noise):
+        if noise is not None:
+            return noise.device
+        if isinstance(self.eps_model, torch.nn.Module):
+            for p in self.eps_model.parameters():
+                return p.device
+        return torch.device("cpu")
+
+    def _raise_if_bad(self, first_bad: torch.Tensor) -> None:
+        bad = first_bad.tolist()
+        k = min(bad)
+        if k < self.num_inference_steps:
+            source = _BAD_SOURCES[bad.index(k)]  # the earliest step; ties in pipeline order
+            t = int(self.timesteps[k])
+            raise FloatingPointError(
+                f"{source} produced NaN/inf at step {k} (t={t}); check the model and its dtype"
+            )
