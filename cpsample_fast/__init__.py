@@ -1,6 +1,38 @@
 """cpsample_fast: fast, tested CPSample (Kazdan et al., ICLR 2025, arXiv 2409.07025).
 
-Public names follow SPEC.md §5.
+Public names follow SPEC.md §5. The evaluation, model and integration subpackages are imported on
+first use (``cps.eval``), so ``import cpsample_fast`` stays light.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"  # before the submodules: they record it in checkpoints
+
+from .protector import ProtectorNet, load_protector, save_protector, train_protector
+from .reference import reference_sample
+from .sampler import CPSampler
+from .schedule import NoiseSchedule
+
+_LAZY_SUBMODULES = ("eval", "models", "integrations", "distributed", "bench")
+
+__all__ = [
+    "CPSampler",
+    "NoiseSchedule",
+    "ProtectorNet",
+    "__version__",
+    "eval",
+    "load_protector",
+    "reference_sample",
+    "save_protector",
+    "train_protector",
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'cpsample_fast' has no attribute {name!r}")
