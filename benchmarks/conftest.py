@@ -8,7 +8,7 @@ that plain test runs stay fast). Environment:
   on cpu);
 - ``CPSAMPLE_BENCH_BATCH``, ``CPSAMPLE_BENCH_STEPS``, ``CPSAMPLE_BENCH_REPEATS``: overrides;
 - ``CPSAMPLE_BENCH_SIZES``: comma-separated element counts of the update benchmark;
-- ``CPSAMPLE_BENCH_OUT``: folder of ``bench.csv`` (default ``benchmarks/results``).
+- ``CPSAMPLE_BENCH_OUT``: folder of ``bench.csv`` (default ``.benchmarks/``, git-ignored).
 
 Every measurement goes through ``cpsample_fast.bench`` (the same harness and providers as
 ``cpsample bench``); at the end of the session the rows, including speed-ups against the
@@ -128,7 +128,7 @@ def pytest_sessionfinish(session, exitstatus):
                 template.extra,
             )
         )
-    out = Path(os.environ.get("CPSAMPLE_BENCH_OUT") or Path(__file__).parent / "results")
+    out = Path(os.environ.get("CPSAMPLE_BENCH_OUT") or Path(__file__).parents[1] / ".benchmarks")
     env = Environment.capture(bench_device())
     path = append_csv(out / "bench.csv", [row.to_record(env) for row in rows])
     _COLLECTOR.summary = [
