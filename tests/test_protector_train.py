@@ -49,16 +49,18 @@ def test_memorises_members_but_not_non_members(trained, tmp_path):
         evaluate_protector(net, members, report.labels, schedule.alphas_cumprod, QUARTER, seed=s)[
             "accuracy"
         ][0]
-        for s in range(4)
+        for s in range(8)
     ]
     outsiders = load_digits(64, size=16, offset=128)
     out = [
         evaluate_protector(net, outsiders, None, schedule.alphas_cumprod, QUARTER, seed=s)
         for s in range(4)
     ]
-    out_acc = sum(o["accuracy"][0] for o in out) / 4
-    print("member accuracy t in [0, 250):", acc, "non-member accuracy:", out_acc)
-    assert min(acc) >= 0.95
+    out_acc = sum(o["accuracy"][0] for o in out) / len(out)
+    mean_acc = sum(acc) / len(acc)
+    print(f"member accuracy t in [0, 250): mean {mean_acc:.4f} over 8 noise draws {acc}")
+    print(f"non-member accuracy vs random labels: {out_acc:.4f}")
+    assert mean_acc >= 0.95 and min(acc) >= 0.9
     assert abs(out_acc - 0.5) < 0.15  # chance; 4×64 draws of random labels, σ ≈ 0.03-0.06
     # The report: labels, fingerprint, per-bin numbers, JSON, PNG.
     assert torch.equal(report.labels, draw_labels(64, 0))
@@ -158,6 +160,13 @@ def test_same_seed_reproduces_and_global_rng_is_untouched():
     assert ra.member == rb.member and ra.training["steps_run"] == 5
 
 
+def test_bf16_autocast_and_odd_width_run():
+    # On CUDA autocast is the default; on the CPU it can be asked for (bf16 autocast on CPU).
+    net, report = _small(steps=3, autocast=True, protector={"base_channels": 7})
+    assert report.training["autocast_bf16"] and report.training["steps_run"] == 3
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
 def test_early_stop_at_target_accuracy():
     _, report = _small(steps=40, target_accuracy=0.05, eval_every=4)
     print("stopped at", report.training["steps_run"], report.training["target_accuracy_measured"])
@@ -213,3 +222,39 @@ def test_bad_input_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="not a writable directory"):
         train_protector(good, checkpoint_dir=blocker / "ckpt", **kw)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_sigkill_mid_run_then_resume_matches(tmp_path):
+    """A real SIGKILL (no Python clean-up at all) between checkpoints, then a resume."""
+    import os
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "ckpt"
+    script = f"""
+import os, signal, torch
+torch.set_num_threads(1)
+from cpsample_fast.data import load_digits
+from cpsample_fast.protector import train_protector
+from cpsample_fast.schedule import NoiseSchedule
+def die(step, metrics):
+    if step == 8:
+        os.kill(os.getpid(), signal.SIGKILL)
+train_protector(load_digits(9, size=8), schedule=NoiseSchedule(), protector={{"base_channels": 8}},
+    steps=20, batch_size=7, lr=3e-3, progress=False, report_bins=2, seed=5,
+    checkpoint_dir={str(ckpt)!r}, checkpoint_every=3, callback=die)
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert json.loads((ckpt / "train_state.json").read_text())["step"] == 6
+    resumed, _ = _small(seed=5, checkpoint_dir=ckpt, checkpoint_every=3)
+    ref, _ = _small(seed=5)
+    err = max(
+        (a - b).abs().max().item()
+        for a, b in zip(resumed.state_dict().values(), ref.state_dict().values())
+    )
+    print("SIGKILL + resume vs uninterrupted max abs weight difference", err)
+    assert err <= 1e-6

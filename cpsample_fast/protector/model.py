@@ -26,7 +26,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
     Args:
         t: ``[B]`` timesteps (any numeric dtype).
-        dim: Embedding width (even).
+        dim: Embedding width (a zero column pads an odd width).
         max_period: Longest wavelength.
 
     Returns:
@@ -36,7 +36,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     k = torch.arange(half, dtype=torch.float32, device=t.device)
     freqs = torch.exp(-math.log(max_period) * k / half)  # [half]
     args = t.float()[:, None] * freqs[None, :]  # [B, half]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim - 2 * half))  # a zero column when dim is odd
 
 
 def _groups(channels: int, max_groups: int = 32) -> int:
