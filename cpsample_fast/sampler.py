@@ -147,7 +147,8 @@ class CPSampler:
         k1 = k.reshape(1)
         coefs = tables["coefs"].index_select(0, k1)[0]  # [6]
         t = tables["timesteps"].index_select(0, k1).expand(B)  # [B] int64
-        out = check_model_output(self._eps(x, t), x, None, None).float()
+        # channels_last / low-precision models: back to float32, row-major for the fused update
+        out = check_model_output(self._eps(x, t), x, None, None).float().contiguous()
         if guided:
 
             def logits_of(x_in):
@@ -162,6 +163,7 @@ class CPSampler:
                 backend=self._seed_backend,
             )
             (g,) = vjp_fn(c)
+            g = g.contiguous()
             finite_f = torch.isfinite(f).all()
         else:
             g = None
