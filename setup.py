@@ -12,6 +12,11 @@ or `nvcc` on PATH). Environment overrides:
   compiler's portable baseline, as a wheel needs.
 - `CPSAMPLE_CUDA_ARCHS="80;90"` sets the CUDA architectures (CMake list).
 - `CMAKE_BUILD_PARALLEL_LEVEL` sets the build jobs (default 2).
+
+CMake finds torch with `find_package(Torch)` (`torch.utils.cmake_prefix_path`) and pybind11 with
+`pybind11.get_cmake_dir()`. One exception: a CUDA-enabled torch on a machine without a CUDA
+toolkit, whose TorchConfig.cmake refuses to load; then the CPU part links torch's libraries
+directly (`CPSAMPLE_TORCH_FIND_PACKAGE=0` forces this path, to test it).
 """
 
 import os
@@ -91,6 +96,21 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
             f"-DCPSAMPLE_BUILD_CUDA={'ON' if build_cuda else 'OFF'}",
             f"-DCPSAMPLE_CPU_ARCH={os.environ.get('CPSAMPLE_CPU_ARCH', '')}",
+        ]
+        # A CUDA torch's TorchConfig.cmake fails without a CUDA toolkit, even for CPU-only use.
+        torch_cmake = os.environ.get("CPSAMPLE_TORCH_FIND_PACKAGE", "").strip()
+        use_find_package = torch.version.cuda is None or nvcc is not None
+        if torch_cmake in ("0", "1"):  # for testing the fallback
+            use_find_package = torch_cmake == "1"
+        if build_cuda and not use_find_package:
+            raise RuntimeError(
+                "the CUDA part needs find_package(Torch) (CPSAMPLE_TORCH_FIND_PACKAGE)"
+            )
+        args += [
+            f"-DCPSAMPLE_TORCH_FIND_PACKAGE={'ON' if use_find_package else 'OFF'}",
+            f"-DCPSAMPLE_TORCH_DIR={Path(torch.__file__).parent}",
+            f"-DCPSAMPLE_TORCH_VERSION={torch.__version__}",
+            f"-DCPSAMPLE_TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         ]
         if build_cuda:
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
