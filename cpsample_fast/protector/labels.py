@@ -51,13 +51,16 @@ def dataset_fingerprint(images: torch.Tensor) -> dict[str, Any]:
     """
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError("images must be a tensor [N, C, H, W]")
-    codes = torch.round((images.detach().to("cpu", torch.float64) + 1.0) * FINGERPRINT_SCALE)
-    codes = codes.to(torch.int32).contiguous()
-    digest = hashlib.sha256(codes.numpy().astype("<i4", copy=False).tobytes()).hexdigest()
+    digest = hashlib.sha256()
+    # In chunks: float64 codes of a whole CIFAR-10 would take over a gigabyte at once.
+    for chunk in images.detach().split(1024):
+        codes = torch.round((chunk.to("cpu", torch.float64) + 1.0) * FINGERPRINT_SCALE)
+        codes = codes.to(torch.int32).contiguous()
+        digest.update(codes.numpy().astype("<i4", copy=False).tobytes())
     return {
         "count": int(images.shape[0]),
         "shape": [int(s) for s in images.shape[1:]],
-        "sha256": digest,
+        "sha256": digest.hexdigest(),
         "method": FINGERPRINT_METHOD,
     }
 

@@ -84,15 +84,11 @@ def evaluate_protector(
     acc, conf, gate = [], [], []
     for lo, hi in zip(edges[:-1], edges[1:]):
         t = torch.randint(lo, hi, (n,), generator=gen)
-        eps = torch.randn(images.shape, generator=gen)
         hits = q_sum = open_sum = 0.0
         for s in range(0, n, batch_size):
-            x = noised(
-                images[s : s + batch_size].cpu(),
-                t[s : s + batch_size],
-                eps[s : s + batch_size],
-                alphas_cumprod.cpu(),
-            )
+            x0 = images[s : s + batch_size].cpu()
+            eps = torch.randn(x0.shape, generator=gen)  # per chunk: memory stays one batch
+            x = noised(x0, t[s : s + batch_size], eps, alphas_cumprod.cpu())
             f = protector(x.to(device), t[s : s + batch_size].to(device)).float().cpu()
             y = labels[s : s + batch_size].cpu()
             hits += float(((f > 0).long() == y).sum())

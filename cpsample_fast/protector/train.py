@@ -227,6 +227,7 @@ def train_protector(
     resume: bool = True,
     progress: bool = True,
     report_bins: int = 10,
+    report_max_images: int = 4096,
     callback: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[nn.Module, ProtectorReport]:
     """Train a protector to memorise random labels of ``images`` under noise (SPEC §2).
@@ -259,6 +260,8 @@ def train_protector(
         resume: Continue from the state in ``checkpoint_dir`` when there is one.
         progress: Show a tqdm bar with loss and running member accuracy.
         report_bins: Timestep bins of the report.
+        report_max_images: The report (and the early-stop check) scores the first this many
+            members and hold-out images once per bin.
         callback: Called as ``callback(step, metrics)`` after every step (after checkpointing).
 
     Returns:
@@ -276,6 +279,7 @@ def train_protector(
     steps = _check_int("steps", steps)
     batch_size = _check_int("batch_size", batch_size)
     eval_every = _check_int("eval_every", eval_every)
+    report_max_images = _check_int("report_max_images", report_max_images)
     hb = batch_size // 2 if holdout_batch_size is None else holdout_batch_size
     hb = _check_int("holdout_batch_size", max(hb, 1) if h is not None else 1)
     every = max(steps // 10, 1) if checkpoint_every is None else checkpoint_every
@@ -344,12 +348,10 @@ def train_protector(
     h_dev = None if h is None else h.to(device)
     ac_dev = ac.to(device)
     y_dev = labels.to(device).float()
-    eval_x = x[:4096]
+    eval_x, eval_y = x[:report_max_images], labels[:report_max_images]
 
     def eval_target() -> float:
-        res = evaluate_protector(
-            net, eval_x, labels[:4096], ac, list(target_t_range), seed=seed + 1
-        )
+        res = evaluate_protector(net, eval_x, eval_y, ac, list(target_t_range), seed=seed + 1)
         return res["accuracy"][0]
 
     started = time.perf_counter()
@@ -419,8 +421,9 @@ def train_protector(
     net.eval()
 
     edges = timestep_bins(0, T, report_bins)
-    member = evaluate_protector(net, x, labels, ac, edges, seed=seed + 2)
-    hold = None if h is None else evaluate_protector(net, h, None, ac, edges, seed=seed + 3)
+    k = report_max_images
+    member = evaluate_protector(net, x[:k], labels[:k], ac, edges, seed=seed + 2)
+    hold = None if h is None else evaluate_protector(net, h[:k], None, ac, edges, seed=seed + 3)
     training = {
         "steps": steps,
         "steps_run": step,
