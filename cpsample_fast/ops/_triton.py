@@ -22,6 +22,11 @@ Design of ``_guided_update_kernel`` (docs/CONTRACTS.md "The fused update"):
   no host sync and a CUDA-graph replay draws fresh noise.
 - Divisions use ``tl.math.div_rn`` (IEEE round-to-nearest, like torch and CUDA's ``/``); Triton's
   plain ``/`` on float32 lowers to ``div.full.f32`` on NVIDIA GPUs (up to 2 ulp).
+- Checked without a GPU by lowering to sm_90 PTX/cubin (tests/test_triton_kernels.py): with
+  ``N`` and the pointers 16-divisible (Triton specialises on that at launch, true for image
+  sizes such as 3·32·32) the streams use 128-bit ``ld/st.global.v4``; an odd ``N`` falls back to
+  32-bit accesses. Note that ``tl.randn``'s ``sqrt`` lowers to ``sqrt.approx.ftz.f32`` and
+  log/cos to libdevice, so GPU normals differ from the CPU torch/C++ ones by a few ulp.
 - ``BLOCK = 1024`` with 4 warps on GPU: the usual choice for an elementwise, bandwidth-bound
   kernel (8 fp32 per thread per stream). It is not autotuned: autotuning needs host-side timing
   runs at first call and would fight CUDA-graph capture; not measured yet (no GPU here).
