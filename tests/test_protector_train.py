@@ -145,6 +145,12 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert all(
         torch.equal(a, b) for a, b in zip(again.state_dict().values(), net.state_dict().values())
     )
+    # A longer run continues the finished one exactly.
+    longer, _ = _small(holdout=holdout, holdout_batch_size=3, seed=3, checkpoint_dir=ckpt, steps=25)
+    ref25, _ = _small(holdout=holdout, holdout_batch_size=3, seed=3, steps=25)
+    assert all(
+        torch.equal(a, b) for a, b in zip(longer.state_dict().values(), ref25.state_dict().values())
+    )
     # A different run in the same folder is refused, not silently mixed.
     with pytest.raises(ValueError, match="label_seed"):
         _small(holdout=holdout, holdout_batch_size=3, seed=3, label_seed=1, checkpoint_dir=ckpt)
@@ -211,6 +217,9 @@ def test_bad_input_is_refused_before_training(tmp_path):
         train_protector(nan, **kw)
     with pytest.raises(ValueError, match="does not accept images"):
         train_protector(good, protector=ProtectorNet(in_channels=3, resolution=8), **kw)
+    bn = torch.nn.Sequential(torch.nn.BatchNorm2d(1), torch.nn.Flatten(), torch.nn.LazyLinear(1))
+    with pytest.raises(ValueError, match="BatchNorm"):
+        train_protector(good, protector=bn, **kw)
     with pytest.raises(ValueError, match="holdout"):
         train_protector(good, holdout=load_digits(2, size=16), **kw)
     with pytest.raises(ValueError, match="t_range"):

@@ -87,6 +87,11 @@ def _build_protector(
 ) -> nn.Module:
     """The user's module, or a seeded ``ProtectorNet`` sized for the data."""
     if isinstance(protector, nn.Module):
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in protector.modules()):
+            raise ValueError(
+                "protector contains BatchNorm, which mixes samples across the batch in training; "
+                "guidance needs per-sample logits (use GroupNorm or LayerNorm, SPEC §2)"
+            )
         return protector
     if protector is not None and not isinstance(protector, Mapping):
         raise TypeError(
@@ -257,7 +262,8 @@ def train_protector(
         eval_every: Steps between those checks.
         checkpoint_dir: Folder for resumable training state (weights, optimiser, RNG).
         checkpoint_every: Steps between checkpoints (default ``max(steps // 10, 1)``).
-        resume: Continue from the state in ``checkpoint_dir`` when there is one.
+        resume: Continue from the state in ``checkpoint_dir`` when there is one (every
+            setting but ``steps`` must match; a larger ``steps`` continues a finished run).
         progress: Show a tqdm bar with loss and running member accuracy.
         report_bins: Timestep bins of the report.
         report_max_images: The report (and the early-stop check) scores the first this many
