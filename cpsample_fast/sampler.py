@@ -50,6 +50,8 @@ class CPSampler:
         guidance_range: optional inclusive ``(t_min, t_max)`` of training timesteps where the
             protector is run; elsewhere the step skips it entirely (a static, per-step choice:
             use it where the protector's report shows it never reaches the gate).
+        streams: on CUDA, run the protector's forward + VJP on a side stream, overlapping the
+            eps-model (eager mode only: ``torch.compile`` does not trace streams).
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class CPSampler:
         backend: str = "auto",
         compile: bool | str = False,
         guidance_range: tuple[int, int] | None = None,
+        streams: bool = False,
     ):
         check_sampling_args(
             schedule,
@@ -95,6 +98,10 @@ class CPSampler:
         self.backend = backend
         self.compile = compile
         self.guidance_range = guidance_range
+        if streams and compile:
+            raise ValueError("streams=True works in eager mode only; use compile=False with it")
+        self.streams = bool(streams)
+        self._side_stream = None
         self._eps = ModelCaller(eps_model)
         self._prot = ModelCaller(protector) if protector is not None else None
         self._prediction = _PREDICTION_IDS[schedule.prediction_type]
@@ -147,28 +154,21 @@ class CPSampler:
         k1 = k.reshape(1)
         coefs = tables["coefs"].index_select(0, k1)[0]  # [6]
         t = tables["timesteps"].index_select(0, k1).expand(B)  # [B] int64
-        # channels_last / low-precision models: back to float32, row-major for the fused update
-        out = check_model_output(self._eps(x, t), x, None, None).float().contiguous()
-        if guided:
-
-            def logits_of(x_in):
-                return check_protector_output(self._prot(x_in, t), B, None, None).float()
-
-            f, vjp_fn = torch.func.vjp(logits_of, x)
-            c, q, m = ops.guidance_seed(
-                f,
-                tables["scale"].index_select(0, k1).reshape(()),
-                self.alpha,
-                self._mode_id,
-                backend=self._seed_backend,
-            )
-            (g,) = vjp_fn(c)
-            g = g.contiguous()
-            finite_f = torch.isfinite(f).all()
+        if self._side_stream is not None:
+            # The protector's forward + VJP and the eps-model are independent given x_t: overlap
+            # them (eager CUDA only; the side stream waits for x and the main stream for it).
+            side = self._side_stream
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                f, q, m, g, finite_f = self._guidance(x, t, k1, tables, guided)
+            out = self._eps_out(x, t)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            for tensor in (f, q, m, g, finite_f):
+                if tensor is not None:
+                    tensor.record_stream(torch.cuda.current_stream(x.device))
         else:
-            g = None
-            f = q = m = None
-            finite_f = torch.ones((), dtype=torch.bool, device=x.device)
+            out = self._eps_out(x, t)
+            f, q, m, g, finite_f = self._guidance(x, t, k1, tables, guided)
         rng = torch.stack([rng_base[0], k, rng_base[1]])
         x_next = ops.guided_update(
             x,
@@ -184,6 +184,29 @@ class CPSampler:
         )
         finite = torch.stack([torch.isfinite(out).all(), finite_f, torch.isfinite(x_next).all()])
         return x_next, f, q, m, finite
+
+    def _eps_out(self, x, t):
+        """SPEC §3 step 1: the eps-model's raw output, float32 and row-major for the update."""
+        return check_model_output(self._eps(x, t), x, None, None).float().contiguous()
+
+    def _guidance(self, x, t, k1, tables, guided: bool):
+        """SPEC §3 steps 2–5: logits, confidence, gate and the scaled guidance term G.
+
+        One ``torch.func.vjp`` of the logits (input gradient only; the weights are closed over
+        and get no gradient) seeded with ``c_b`` from the ``cpsample::guidance_seed`` op.
+        """
+        if not guided:
+            return None, None, None, None, torch.ones((), dtype=torch.bool, device=x.device)
+        B = x.shape[0]
+
+        def logits_of(x_in):
+            return check_protector_output(self._prot(x_in, t), B, None, None).float()
+
+        f, vjp_fn = torch.func.vjp(logits_of, x)
+        scale_t = tables["scale"].index_select(0, k1).reshape(())
+        c, q, m = ops.guidance_seed(f, scale_t, self.alpha, self._mode_id, backend="torch")
+        (g,) = vjp_fn(c)
+        return f, q, m, g.contiguous(), torch.isfinite(f).all()
 
     # ------------------------------------------------------------------ helpers
     def _device_tables(self, device) -> dict:
@@ -242,7 +265,9 @@ class CPSampler:
         check_noise_args(shape, n, noise, step_noise)
         device = torch.device(device) if device is not None else self._default_device(noise)
         self._backend = ops.resolve_backend(self.backend, device)
-        self._seed_backend = "torch"
+        self._side_stream = (
+            torch.cuda.Stream(device) if self.streams and device.type == "cuda" else None
+        )
         tables = self._device_tables(device)
         if noise is not None:
             x = noise.to(device=device, dtype=torch.float32).contiguous()
@@ -260,9 +285,14 @@ class CPSampler:
             k_t = tables["steps"][k]
             z = step_noise[k].contiguous() if (step_noise is not None and self.eta > 0) else None
             guided = self._guided_steps[k]
+            if self.compile == "reduce-overhead":
+                # CUDA graphs: a new iteration; the previous replay's outputs may be reused
+                torch.compiler.cudagraph_mark_step_begin()
             x, f, q, m, finite = self._step_fn(guided, draw)(
                 x, k_t, tables, rng_base, z, guided, draw
             )
+            if self.compile == "reduce-overhead":
+                x = x.clone()  # own x before the next replay reuses the graph's output pool
             first_bad = torch.where(~finite & (first_bad == n), k_t, first_bad)
             if trace is not None and guided:
                 trace.logits[k] = f
