@@ -125,9 +125,11 @@ def philox4x32(
                 raise TypeError(f"c{n} must be an integer tensor, got dtype {w.dtype}")
         elif isinstance(w, bool) or not isinstance(w, int):
             raise TypeError(f"c{n} must be an int or an integer tensor, got {w!r}")
-    device = next(w.device for w in words if isinstance(w, torch.Tensor))
+    # The device of the counters that carry the shape (a 0-dim CPU scalar may come along).
+    tensors = [w for w in words if isinstance(w, torch.Tensor)]
+    device = next((w.device for w in tensors if w.dim() > 0), tensors[0].device)
     c0, c1, c2, c3 = (
-        _as_word(w)
+        _as_word(w).to(device)
         if isinstance(w, torch.Tensor)
         else torch.tensor(w & _MASK32, dtype=torch.int64, device=device)
         for w in words

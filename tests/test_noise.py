@@ -311,5 +311,11 @@ def test_cuda_matches_cpu():
     assert err < 1e-5
     w_cpu = noise.philox4x32(21, torch.arange(100), 1, 2, 3)
     w_gpu = noise.philox4x32(21, torch.arange(100, device="cuda"), 1, 2, 3)
+    # 0-dim CPU scalars (seed, step) mixed with CUDA counters, in any position.
+    w_mix = noise.philox4x32(torch.tensor(21), torch.tensor(0), 1, torch.tensor(2), 3)
+    w_mix_gpu = noise.philox4x32(torch.tensor(21), torch.tensor(0), torch.ones(1, device="cuda"
+                                 ).long(), torch.tensor(2), 3)  # fmt: skip
+    assert all(w.device.type == "cuda" for w in w_mix_gpu)
+    assert all(torch.equal(a, b.cpu().reshape(())) for a, b in zip(w_mix, w_mix_gpu))
     for a, b in zip(w_cpu, w_gpu):
         assert torch.equal(a, b.cpu())
