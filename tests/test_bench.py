@@ -130,3 +130,41 @@ def test_bad_options_are_refused(tmp_path):
             cli_main(["bench", "--quick", "--providers", "fused+cudagraph"])
     with pytest.raises(ValueError, match="--batch"):
         cli_main(["bench", "--quick", "--batch", "0"])
+
+
+def test_device_check_script_parses_and_its_report_reads_the_quick_run(quick_run, tmp_path):
+    """device_check.sh needs a GPU; here: its syntax, and the summary it prints last."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "device_check.sh"
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    _, _, out = quick_run
+    shutil.copy(out / "bench.csv", tmp_path / "bench.csv")
+    (tmp_path / "stages.tsv").write_text(
+        "stage\tstatus\trc\tseconds\tlimit_s\tnote\n"
+        "build\tok\t0\t3\t170\tx\n"
+        "bench-sampler\ttimeout\t124\t200\t200\ty\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "benchmarks" / "device_check_report.py"),
+            "summary",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    print(proc.stdout)
+    assert "sample/tiny" in proc.stdout and "reference" in proc.stdout
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["ok"] is False  # one stage timed out
+    assert [s["status"] for s in status["stages"]] == ["ok", "timeout"]
+    assert (tmp_path / "summary.txt").read_text().strip() == proc.stdout.strip()
