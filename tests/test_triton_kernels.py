@@ -107,6 +107,10 @@ def test_opcheck_with_triton_backend():
         torch.ops.cpsample.guided_update.default,
         (x, o, g, None, coefs, torch.tensor([1, 2, 3]), 0, True, True, "triton"),
     )
+    logits = torch.tensor([-9.0, -0.3, 0.0, 2.0, 12.0])
+    torch.library.opcheck(
+        torch.ops.cpsample.guidance_seed.default, (logits, torch.tensor(3.0), 0.01, 0, "triton")
+    )
 
 
 def test_compiled_fullgraph_with_triton_backend():
