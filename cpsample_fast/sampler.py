@@ -204,7 +204,7 @@ class CPSampler:
 
         f, vjp_fn = torch.func.vjp(logits_of, x)
         scale_t = tables["scale"].index_select(0, k1).reshape(())
-        c, q, m = ops.guidance_seed(f, scale_t, self.alpha, self._mode_id, backend="torch")
+        c, q, m = ops.guidance_seed(f, scale_t, self.alpha, self._mode_id, backend="auto")
         (g,) = vjp_fn(c)
         return f, q, m, g.contiguous(), torch.isfinite(f).all()
 
