@@ -112,10 +112,19 @@ class CMakeBuild(build_ext):
             f"-DCPSAMPLE_TORCH_VERSION={torch.__version__}",
             f"-DCPSAMPLE_TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         ]
+        if nvcc is not None:
+            # torch's cuda.cmake (legacy FindCUDA) would take the toolkit root from `nvcc` on PATH,
+            # which may be a wrapper script outside the toolkit (/usr/local/bin/nvcc here).
+            cuda_root = Path(nvcc).resolve().parent.parent
+            args += [f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_root}", f"-DCUDAToolkit_ROOT={cuda_root}"]
+        env = dict(os.environ)
         if build_cuda:
-            args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
-            if os.environ.get("CPSAMPLE_CUDA_ARCHS"):
-                args.append(f"-DCPSAMPLE_CUDA_ARCHS={os.environ['CPSAMPLE_CUDA_ARCHS']}")
+            archs = os.environ.get("CPSAMPLE_CUDA_ARCHS", "80;90")
+            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCPSAMPLE_CUDA_ARCHS={archs}"]
+            # torch's CMake config computes its own arch flags (we discard them); keep it from
+            # probing or listing architectures this toolkit may not know.
+            arch_list = ";".join(f"{a[:-1]}.{a[-1]}" for a in archs.split(";") if a[:2].isdigit())
+            env.setdefault("TORCH_CUDA_ARCH_LIST", arch_list)
         ninja = shutil.which("ninja")
         if ninja is None:
             try:
@@ -131,7 +140,9 @@ class CMakeBuild(build_ext):
             raise RuntimeError("cmake not found: pip install cmake (CMake >= 3.18 is needed)")
 
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2")
-        subprocess.run([cmake, "-S", ext.source_dir, "-B", str(build_dir), *args], check=True)
+        subprocess.run(
+            [cmake, "-S", ext.source_dir, "-B", str(build_dir), *args], check=True, env=env
+        )
         subprocess.run(
             [cmake, "--build", str(build_dir), "--config", "Release", "--parallel", jobs],
             check=True,

@@ -1,8 +1,10 @@
 // Thin torch binding of the CUDA launcher: raw pointers plus the current stream, no host sync.
 #include "cuda/binding.h"
 
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream and guard headers need only the CUDA runtime headers (ATen/cuda/CUDAContext.h
+// would also need cuBLAS / cuSPARSE headers, which a minimal toolkit lacks).
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
 #include "cuda/launcher.h"
@@ -16,7 +18,7 @@ void guided_update(const at::Tensor& x, const at::Tensor& model_out,
                    const at::Tensor& rng, const at::Tensor& out, int prediction_type,
                    bool clip_sample, bool draw_noise) {
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   const int64_t batch = x.size(0);
   const int64_t n = batch > 0 ? x.numel() / batch : 0;
   const int err = cpsample_guided_update_cuda(
