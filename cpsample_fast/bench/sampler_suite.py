@@ -294,7 +294,11 @@ class SamplingContext:
         out = {}
         with torch.no_grad():
             out["eps_model"], model_out = measure(
-                lambda: eps_call(x, t).float(), repeats=reps, warmup=warm, device=self.device
+                # row-major float32, as the samplers hand it to the update
+                lambda: eps_call(x, t).float().contiguous(),
+                repeats=reps,
+                warmup=warm,
+                device=self.device,
             )
         g = None
         if spec.guided:
@@ -303,7 +307,7 @@ class SamplingContext:
 
                 def prot_fwd_bwd():
                     f, vjp_fn = torch.func.vjp(lambda xi: prot_call(xi, t).float(), x)
-                    return vjp_fn(seed)[0]
+                    return vjp_fn(seed)[0].contiguous()
 
             else:
 
@@ -311,7 +315,7 @@ class SamplingContext:
                     with torch.enable_grad():
                         xi = x.detach().requires_grad_(True)
                         f = prot_call(xi, t).float()
-                        return torch.autograd.grad(_objective(f).sum(), xi)[0]
+                        return torch.autograd.grad(_objective(f).sum(), xi)[0].contiguous()
 
             out["protector"], g = measure(
                 prot_fwd_bwd, repeats=reps, warmup=warm, device=self.device
