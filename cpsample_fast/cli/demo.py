@@ -17,10 +17,17 @@ from pathlib import Path
 
 HELP = "CPSample vs plain DDIM on a memorising digits model: replication, quality, membership"
 
-# Chosen by the search recorded in the module's report (see docs in the final report):
-# repel guidance, α = 0.1, s = 1000 (filled in by the tuning below).
-DEFAULT_SCALE = 1000.0
-DEFAULT_ALPHA = 0.1
+# Chosen by a search on the shipped models (seed 0, 64 samples, then seed 1, 128 samples; 50
+# DDIM steps; replication > 0.98 / Fréchet distance vs plain DDIM's 100% / 24.9 and 100% / 14.5):
+#   repel α=0.001 s=1000 (paper): gate never opens (protector q ≤ 0.98): identical to DDIM
+#   repel α=0.25: s=100 42% / 22.4, s=200 9.4% / 26.7, s=300 4.7% / 30.3, s=500 4.7% / 34.4
+#   repel α=0.3:  s=200 7.8% / 27.7 and 8.6% / 18.3;  s=250 5.5% / 19.9 (seed 1);  s=300 1.6% / 31.5
+#   repel α=0.2 s=300 7.8% / 29.4 and 8.6% / 19.1;  repel α=0.1 s=1000 7.8% / 34.6
+#   entropy α=0.25 s=300 4.7% / 30.2 and 3.1% / 20.3;  attract α=0.25 s=100 3.1% / 31.6, 1.6% / 23.2
+# repel (the default mode) at α = 0.3, s = 250 cuts replication by ≥ 90% at a Fréchet ratio
+# ≈ 1.3–1.4 (under the 1.5 bound, above the 1.2 goal); stronger guidance cuts more and costs more.
+DEFAULT_SCALE = 250.0
+DEFAULT_ALPHA = 0.3
 DEFAULT_MODE = "repel"
 # Pixel-space cosine threshold for "replica": a held-out real digit's nearest-member similarity
 # never exceeds 0.980 (max over 512, 99th percentile 0.971, measured on this split), so ≥ 0.98 is
@@ -33,7 +40,7 @@ PROTECTOR_ASSET = "digits_protector.safetensors"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--n", type=int, default=64, help="samples per sampler (default 64)")
+    p.add_argument("--n", type=int, default=128, help="samples per sampler (default 128)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--seed", type=int, default=0, help="noise seed shared by both samplers")
     p.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="guidance scale s")
