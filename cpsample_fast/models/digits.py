@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 DIGITS_UNET = ASSET_DIR / "digits_unet.safetensors"
@@ -33,12 +32,14 @@ class DigitsSplit:
 
 
 def digits_16() -> torch.Tensor:
-    """All 1797 sklearn digits as ``[1797, 1, 16, 16]`` float32 in [-1, 1] (bilinear 8 → 16)."""
-    from sklearn.datasets import load_digits as sk_load_digits
+    """All 1797 sklearn digits as ``[1797, 1, 16, 16]`` float32 in [-1, 1] (bilinear 8 → 16).
 
-    x = torch.from_numpy(sk_load_digits().images).float().div(16.0)[:, None]  # [N, 1, 8, 8]
-    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
-    return (x * 2.0 - 1.0).clamp(-1.0, 1.0).contiguous()
+    ``cpsample_fast.data.load_digits`` (bit-identical to the ``/16 → upsample → 2x-1`` recipe the
+    shipped model was trained with; the protector's fingerprint depends on those exact bits).
+    """
+    from ..data import load_digits
+
+    return load_digits(n=None, size=16)
 
 
 def digits_split(

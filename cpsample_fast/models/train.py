@@ -7,18 +7,23 @@ must face.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+
+from ..io import (
+    load_safetensors,
+    read_json,
+    refuse_pickle,
+    save_safetensors_atomic,
+    write_json_atomic,
+)
 
 
 @dataclass
@@ -46,21 +51,10 @@ def _alphas_cumprod(schedule) -> torch.Tensor:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
-    """safetensors + JSON sidecar, each written to a temporary file and ``os.replace``-d."""
+    """safetensors + JSON sidecar, each written atomically (``cpsample_fast.io``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    side = path.with_suffix(".json")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(meta, fh, indent=2)
-    os.replace(tmp, side)
+    save_safetensors_atomic(path, tensors)
+    write_json_atomic(path.with_suffix(".json"), meta)
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict, **extra) -> None:
@@ -86,18 +80,16 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.
         ``(groups, meta)``: tensors grouped by prefix (``groups["model"]`` is a state dict) and
         the JSON sidecar.
     """
-    path = Path(path)
-    if path.suffix in (".pt", ".pth", ".pkl", ".ckpt", ".bin"):
-        raise ValueError(f"{path}: only safetensors checkpoints are read (pickle is unsafe)")
+    path = refuse_pickle(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    flat = load_file(str(path))
+    flat = load_safetensors(path)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in flat.items():
         prefix, _, name = k.partition(".")
         groups.setdefault(prefix, {})[name] = v
     side = path.with_suffix(".json")
-    meta = json.loads(side.read_text()) if side.exists() else {}
+    meta = read_json(side) if side.exists() else {}
     return groups, meta
 
 
