@@ -29,10 +29,12 @@ HELP = "CPSample vs plain DDIM on a memorising digits model: replication, qualit
 DEFAULT_SCALE = 250.0
 DEFAULT_ALPHA = 0.3
 DEFAULT_MODE = "repel"
-# Pixel-space cosine threshold for "replica": a held-out real digit's nearest-member similarity
-# never exceeds 0.980 (max over 512, 99th percentile 0.971, measured on this split), so ≥ 0.98 is
-# closer to a member than any natural variation; 0.95 and 0.97 (the paper's) are shown too —
-# 14% and 1.8% of real held-out digits already exceed them against 32 members.
+# Pixel-space cosine threshold for "replica", calibrated on real digits the model never saw: of
+# the 512 evaluation digits, 1 (0.2%) has a nearest-member similarity above 0.98 (max 0.9805,
+# 99th percentile 0.971), so > 0.98 is closer to a member than natural variation gets. The paper's
+# 0.95 and 0.97 are shown too, but 13.9% and 1.8% of real held-out digits already exceed them
+# (8×8 digits upsampled to 16×16 are smooth and alike in pixel space). The demo prints this
+# calibration column next to the samplers.
 DEFAULT_THRESHOLDS = (0.95, 0.97, 0.98)
 PRIMARY_THRESHOLD = 0.98
 PROTECTOR_ASSET = "digits_protector.safetensors"
@@ -185,6 +187,8 @@ def main(args) -> int:
 
     t0 = time.perf_counter()
     reps = {k: replication(x, split.members, thresholds=thresholds) for k, x in samples.items()}
+    # Calibration: real digits the model never saw, against the same members.
+    calib = replication(split.evaluation, split.members, thresholds=thresholds)
     times["replication"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -267,6 +271,7 @@ def main(args) -> int:
             "sources": sources,
         },
         "replication": d_rep,
+        "replication_heldout_real_digits": calib.to_dict(),
         "quality": {k: q.to_dict() for k, q in quals.items()},
         "membership": {"eps": mi_eps.to_dict(), "eps_hat": mi_hat.to_dict()},
         "summary": {
@@ -280,13 +285,14 @@ def main(args) -> int:
     }
     write_json_atomic(out / "report.json", report)
 
-    rows = [("", "plain DDIM", "CPSample")]
+    rows = [("", "plain DDIM", "CPSample", "real held-out")]
     for t in thresholds:
         rows.append(
             (
                 f"replication > {t:g}",
                 _fmt_rate(reps["ddim"].rates[t]),
                 _fmt_rate(reps["cpsample"].rates[t]),
+                _fmt_rate(calib.rates[t]),
             )
         )
     rows.append(
@@ -294,13 +300,21 @@ def main(args) -> int:
             "Carlini l2 extraction",
             _fmt_rate(reps["ddim"].carlini_rate),
             _fmt_rate(reps["cpsample"].carlini_rate),
+            _fmt_rate(calib.carlini_rate),
         )
     )
     for key, label in (
         ("similarity_mean", "NN similarity mean"),
         ("similarity_max", "NN similarity max"),
     ):
-        rows.append((label, f"{d_rep['ddim'][key]:.4f}", f"{d_rep['cpsample'][key]:.4f}"))
+        rows.append(
+            (
+                label,
+                f"{d_rep['ddim'][key]:.4f}",
+                f"{d_rep['cpsample'][key]:.4f}",
+                f"{report['replication_heldout_real_digits'][key]:.4f}",
+            )
+        )
     rows.append(
         (
             "Frechet dist. to held-out",
@@ -331,7 +345,8 @@ def main(args) -> int:
     )
     print(f"eps-model: {sources['eps_model']}; protector: {sources['protector']}")
     for r in rows:
-        print(f"  {r[0]:<{w}}  {r[1]:>12}  {r[2]:>12}")
+        extra = f"  {r[3]:>13}" if len(r) > 3 else ""
+        print(f"  {r[0]:<{w}}  {r[1]:>12}  {r[2]:>12}{extra}")
     if cut is not None:
         print(
             f"replication (> {PRIMARY_THRESHOLD:g}) cut by {100 * cut:.1f}%; Fréchet distance "
