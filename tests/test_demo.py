@@ -70,6 +70,24 @@ def test_demo_small(tmp_path, capsys):
     ):
         assert (out / name).stat().st_size > 1000, name
     assert "replication > 0.98" in printed
+    # The samples feed `cpsample evaluate` directly.
+    rc = main(
+        [
+            "evaluate",
+            "--samples",
+            str(out / "samples_ddim.npz"),
+            "--train",
+            "digits-members",
+            "--thresholds",
+            "0.98",
+            "--out",
+            str(tmp_path / "ev"),
+        ]
+    )
+    assert rc == 0
+    ev = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    want = report["replication"]["ddim"]["replication_rate"]["0.98"]
+    assert ev["replication"]["replication_rate"]["0.98"] == want
 
 
 @pytest.mark.xfail(

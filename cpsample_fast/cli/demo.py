@@ -133,11 +133,13 @@ def _fmt_rate(r: float) -> str:
 
 def main(args) -> int:
 
+    import numpy as np
+
     from ..eval import membership_inference, quality, replication, train_feature_net
     from ..eval.membership import save_roc
     from ..eval.plots import save_image_grids, save_lines_png
     from ..eval.replication import check_threshold, save_pairs_grid
-    from ..io import write_json_atomic
+    from ..io import atomic_path, write_json_atomic
     from ..models import digits_split
     from ..protector import ProtectorReport
     from ..sampler import CPSampler
@@ -284,6 +286,9 @@ def main(args) -> int:
         "seconds": times,
     }
     write_json_atomic(out / "report.json", report)
+    for k, x in samples.items():  # for `cpsample evaluate --samples samples_<k>.npz`
+        with atomic_path(out / f"samples_{k}.npz") as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, samples=x.cpu().numpy())
 
     rows = [("", "plain DDIM", "CPSample", "real held-out")]
     for t in thresholds:
