@@ -132,7 +132,6 @@ def _fmt_rate(r: float) -> str:
 
 
 def main(args) -> int:
-
     import numpy as np
 
     from ..eval import membership_inference, quality, replication, train_feature_net
