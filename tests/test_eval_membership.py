@@ -122,3 +122,21 @@ def test_bad_input():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         membership_inference(model, ok, bad, s)
+
+
+def test_guidance_range_switches_guidance_off_outside():
+    s = NoiseSchedule()
+    torch.manual_seed(3)
+    eps_model = EmpiricalDenoiser(torch.rand(4, 1, 3, 3) * 2 - 1, s)
+    prot = TinyProtector(9)
+    x = torch.randn(3, 1, 3, 3)
+    t = torch.tensor([100, 300, 500])
+    kw = dict(protector=prot, scale=5.0, alpha=0.5)
+    full = denoiser_output(eps_model, x, t, s, **kw)
+    part = denoiser_output(eps_model, x, t, s, guidance_range=(200, 400), **kw)
+    plain = eps_model(x, t)
+    err = (part[1] - full[1]).abs().max().item()
+    print("inside-range max error:", err)
+    assert err < 1e-6
+    assert torch.equal(part[[0, 2]], plain[[0, 2]])
+    assert not torch.allclose(full[0], plain[0])

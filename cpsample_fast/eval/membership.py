@@ -68,11 +68,13 @@ def denoiser_output(
     scale: float = 0.0,
     alpha: float = 0.5,
     mode: str = "repel",
+    guidance_range: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """ε (no protector or ``scale = 0``) or the CPSample ε̂ at ``(x_t, t)`` ``[B, C, H, W]``.
 
     ε̂ = ε + G with G the VJP of the protector's logits with the seed of
-    :func:`cpsample_fast.guidance.guidance_seed` (SPEC §3 step 5).
+    :func:`cpsample_fast.guidance.guidance_seed` (SPEC §3 step 5). With ``guidance_range``
+    (inclusive ``(t_min, t_max)``, as ``CPSampler``'s), samples whose t lies outside get ε.
     """
     ac = _alphas_cumprod(schedule).to(x_t.device)
     a = ac[t][:, None, None, None]
@@ -89,6 +91,8 @@ def denoiser_output(
         # with mixed t pass a per-sample scale (broadcasts the same way).
         scale_t = float(scale) * s1.flatten()
         c, _, _ = guidance_seed(logits.detach(), scale_t, alpha, mode)
+        if guidance_range is not None:
+            c = c * ((t >= guidance_range[0]) & (t <= guidance_range[1])).to(c.dtype)
         (g,) = torch.autograd.grad(logits, x, grad_outputs=c)
     return eps + g.float()
 
@@ -106,6 +110,7 @@ def reconstruction_errors(
     scale: float = 0.0,
     alpha: float = 0.5,
     mode: str = "repel",
+    guidance_range: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Per-image reconstruction errors ``[N, len(timesteps)]`` (mean over pixels and draws).
 
@@ -144,6 +149,7 @@ def reconstruction_errors(
                     scale=scale,
                     alpha=alpha,
                     mode=mode,
+                    guidance_range=guidance_range,
                 )
                 out[s : s + batch_size, k] += (e - d).pow(2).flatten(1).mean(1).cpu() / n_noise
     return out
@@ -247,6 +253,7 @@ def membership_inference(
     scale: float = 0.0,
     alpha: float = 0.5,
     mode: str = "repel",
+    guidance_range: tuple[int, int] | None = None,
 ) -> MembershipResult:
     """Run the reconstruction-error attack through ε, or through ε̂ when a protector is given.
 
@@ -261,6 +268,7 @@ def membership_inference(
         batch_size: images per model call.
         protector: CPSample protector; with ``scale > 0`` the attack goes through ε̂.
         scale, alpha, mode: CPSample's s, α and guidance mode (as used for sampling).
+        guidance_range: CPSampler's inclusive ``(t_min, t_max)`` where guidance acts, if any.
     """
     mem = as_image_batch(members, "members")
     non = as_image_batch(nonmembers, "nonmembers")
@@ -277,6 +285,7 @@ def membership_inference(
         scale=scale,
         alpha=alpha,
         mode=mode,
+        guidance_range=guidance_range,
     )
     em = reconstruction_errors(eps_model, mem, schedule, seed=seed, **kw)
     en = reconstruction_errors(eps_model, non, schedule, seed=seed + 1_000_003, **kw)
@@ -292,6 +301,8 @@ def membership_inference(
     params = {"n_noise": n_noise, "seed": seed}
     if threat == "eps_hat":
         params.update(scale=float(scale), alpha=float(alpha), mode=mode)
+        if guidance_range is not None:
+            params["guidance_range"] = [int(v) for v in guidance_range]
     return MembershipResult(
         threat_model=threat,
         threat_model_text=THREAT_MODELS[threat],
