@@ -52,7 +52,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--members", type=int, default=32)
     p.add_argument("--config", default="digits", choices=sorted(UNET_CONFIGS))
-    p.add_argument("--workdir", default="runs/digits_unet")
+    p.add_argument("--workdir", default="build/digits_unet", help="resumable training state")
     p.add_argument("--out", default=str(DIGITS_UNET))
     args = p.parse_args()
 
