@@ -7,12 +7,13 @@ benchmarks. GroupNorm only (no BatchNorm), so samples never mix across the batch
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from ..layers import timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -91,25 +92,6 @@ UNET_CONFIGS: dict[str, UNetConfig] = {
         groups=32,
     ),
 }
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps (DDPM / "Attention is all you need").
-
-    Args:
-        t: timesteps ``[B]`` (any numeric dtype).
-        dim: embedding width (even).
-        max_period: longest wavelength.
-
-    Returns:
-        ``[B, dim]`` float32 embedding.
-    """
-    half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    )
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
 class ResBlock(nn.Module):
