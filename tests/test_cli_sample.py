@@ -45,33 +45,17 @@ def assets(tmp_path_factory):
     return d
 
 
+def _args(assets, out, *extra):
+    return [
+        "sample", "--model", str(assets / "unet.safetensors"), "--protector",
+        str(assets / "protector"), "--num-samples", "5", "--batch-size", "2", "--steps", "3",
+        "--eta", "1.0", "--alpha", "0.5", "--scale", "10", "--seed", "4", "--no-progress",
+        "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
 def _run(assets, out, *extra):
-    args = [
-        "sample",
-        "--model",
-        str(assets / "unet.safetensors"),
-        "--protector",
-        str(assets / "protector"),
-        "--num-samples",
-        "5",
-        "--batch-size",
-        "2",
-        "--steps",
-        "3",
-        "--eta",
-        "1.0",
-        "--alpha",
-        "0.5",
-        "--scale",
-        "10",
-        "--seed",
-        "4",
-        "--no-progress",
-        "--out",
-        str(out),
-        *extra,
-    ]
-    assert cli_main(args) == 0
+    assert cli_main(_args(assets, out, *extra)) == 0
 
 
 def test_sample_writes_outputs_and_resumes(assets, tmp_path):
@@ -98,40 +82,9 @@ def test_sample_writes_outputs_and_resumes(assets, tmp_path):
 def test_torchrun_two_ranks_equal_one_process(assets, tmp_path):
     _run(assets, tmp_path / "single")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "cpsample_fast",
-        "sample",
-        "--model",
-        str(assets / "unet.safetensors"),
-        "--protector",
-        str(assets / "protector"),
-        "--num-samples",
-        "5",
-        "--batch-size",
-        "2",
-        "--steps",
-        "3",
-        "--eta",
-        "1.0",
-        "--alpha",
-        "0.5",
-        "--scale",
-        "10",
-        "--seed",
-        "4",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--out",
-        str(tmp_path / "multi"),
-    ]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd = [*launcher, "--nproc_per_node", "2", "-m", "cpsample_fast"]
+    cmd += _args(assets, tmp_path / "multi", "--device", "cpu")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     print(proc.stdout[-2000:], proc.stderr[-3000:])
     assert proc.returncode == 0
