@@ -11,7 +11,9 @@ Providers (names used in the table, the CSV and ``--providers``):
 - ``fused+compile+bf16``: the same with the models in bf16 + channels_last;
 - ``fused+cudagraph``: bf16 models, ``compile="reduce-overhead"`` (CUDA graphs; GPU only);
 - ``ddim``: unguided DDIM (``reference_sample`` with no protector), the floor;
-- ``ddim+compile+bf16``: unguided ``CPSampler``, compiled, bf16 models (the fast floor).
+- ``ddim+compile+bf16``: unguided ``CPSampler``, compiled, bf16 models (the fast floor);
+- ``fused+compile+bf16eps``: compiled, bf16 eps-model, float32 protector (on CPUs without AMX
+  the protector's bf16 backward is slower than its float32 one).
 
 All providers start from the same explicit ``x_T`` with η = 0, so their samples are comparable
 with a float64 run of the reference (models in float64, ``dtype=torch.float64``): the accuracy
@@ -47,6 +49,7 @@ class ProviderSpec:
         name: the provider's name.
         fused: ``CPSampler`` (True) or ``reference_sample`` (False).
         bf16: models in bf16 + channels_last (else float32).
+        fp32_protector: keep the protector in float32 even when ``bf16``.
         compile: ``CPSampler``'s ``compile`` argument.
         guided: run the protector (False: unguided DDIM).
         cuda_only: only meaningful on a GPU.
@@ -55,6 +58,7 @@ class ProviderSpec:
     name: str
     fused: bool
     bf16: bool = False
+    fp32_protector: bool = False
     compile: bool | str = False
     guided: bool = True
     cuda_only: bool = False
@@ -73,6 +77,9 @@ PROVIDERS: dict[str, ProviderSpec] = {
         ),
         ProviderSpec("ddim", fused=False, guided=False),
         ProviderSpec("ddim+compile+bf16", fused=True, bf16=True, compile=True, guided=False),
+        ProviderSpec(
+            "fused+compile+bf16eps", fused=True, bf16=True, compile=True, fp32_protector=True
+        ),
     )
 }
 
@@ -198,9 +205,11 @@ class SamplingContext:
         self.x_T = torch.randn(self.shape, generator=gen).to(s.device)  # [B, C, H, W]
         self.split_cache: dict = {}
 
-    def models(self, bf16: bool):
+    def models(self, bf16: bool, fp32_protector: bool = False):
         if not bf16:
             return self.eps32, self.prot32
+        if fp32_protector:
+            return self.models(True)[0], self.prot32
         if self._bf16 is None:
             self._bf16 = (
                 convert_model(self.eps32, torch.bfloat16, channels_last=True),
@@ -219,7 +228,7 @@ class SamplingContext:
 
     def make_runner(self, spec: ProviderSpec) -> tuple[Callable[[], torch.Tensor], str]:
         """A zero-argument sampling call for ``spec`` and the update backend it uses."""
-        eps, prot = self.models(spec.bf16)
+        eps, prot = self.models(spec.bf16, spec.fp32_protector)
         prot = prot if spec.guided else None
         kwargs = self.common_kwargs(spec.guided)
         if not spec.fused:
@@ -277,14 +286,14 @@ class SamplingContext:
 
     def split(self, spec: ProviderSpec, backend: str) -> dict[str, Timing]:
         """Per-step seconds of eps-model, protector fwd+bwd and update for ``spec``'s setting."""
-        key = (spec.bf16, spec.guided, spec.fused, backend)
+        key = (spec.bf16, spec.fp32_protector, spec.guided, spec.fused, backend)
         if key in self.split_cache:
             return self.split_cache[key]
         from ..ops import _torch as torch_ops
         from ..ops import guided_update
 
         s = self.settings
-        eps, prot = self.models(spec.bf16)
+        eps, prot = self.models(spec.bf16, spec.fp32_protector)
         eps_call, prot_call = ModelCaller(eps), ModelCaller(prot)
         B = self.shape[0]
         x = self.x_T.float().contiguous()
@@ -447,6 +456,7 @@ def _rows(
             "scale": s.scale if spec.guided else 0.0,
             "alpha": s.alpha,
             "model_dtype": "bfloat16" if spec.bf16 else "float32",
+            "protector_dtype": "bfloat16" if spec.bf16 and not spec.fp32_protector else "float32",
             "channels_last": spec.bf16,
             "compile": spec.compile,
             "update_backend": r.backend,
