@@ -132,9 +132,12 @@ else
   run_stage triton-tests 60 "Triton tests natively (TRITON_INTERPRET=0)" "${PYTEST[@]}" -k "triton" tests/test_triton_kernels.py tests/test_ops.py
   run_stage bench-update 60 "fused update 1e5..1e8 per backend vs copy" \
     "$PY" -m cpsample_fast bench --device cuda --config gpu35m --suite update --repeats 5 --out "$OUTDIR"
-  # Whatever time is left; rows are flushed per provider, so a cut-short run keeps the earlier ones.
+  # Whatever time is left; rows are flushed per provider, so a cut-short run keeps the earlier
+  # ones. Each compiled provider costs a compilation (~1-2 min): the GPU headline ones go first.
   run_stage bench-sampler 400 "35M UNet, batch 64, ${STEPS} steps, all providers" \
-    "$PY" -m cpsample_fast bench --device cuda --config gpu35m --suite sampler --steps "$STEPS" --repeats 3 --out "$OUTDIR"
+    "$PY" -m cpsample_fast bench --device cuda --config gpu35m --suite sampler --steps "$STEPS" \
+    --repeats 3 --out "$OUTDIR" --providers reference reference+bf16 ddim fused \
+    fused+compile+bf16 fused+cudagraph fused+compile
 fi
 
 echo "[$(elapsed)s] summary"
