@@ -20,6 +20,7 @@ from .validation import (
     check_protector_output,
     check_sampling_args,
     check_shape,
+    resolve_guidance_args,
 )
 
 
@@ -53,8 +54,8 @@ def reference_sample(
     *,
     num_inference_steps: int,
     eta: float = 0.0,
-    scale: float = 0.0,
-    alpha: float = 0.001,
+    scale: float | None = None,
+    alpha: float | None = None,
     mode: str = "repel",
     seed: int = 0,
     noise: torch.Tensor | None = None,
@@ -76,8 +77,8 @@ def reference_sample(
         shape: ``(B, C, H, W)``.
         num_inference_steps: number of DDIM steps.
         eta: DDIM η (0 = deterministic DDIM, 1 over all T steps = DDPM ancestral).
-        scale: guidance scale s (0 = plain DDIM).
-        alpha: gate threshold α ∈ (0, 0.5].
+        scale: guidance scale s (0 = plain DDIM); required with a protector (paper: 1000).
+        alpha: gate threshold α ∈ (0, 0.5]; required with a protector (paper: 0.001).
         mode: ``"repel"`` (default), ``"attract"`` or ``"entropy"``.
         seed: seed of the counter-based noise (SPEC §4) when ``noise``/``step_noise`` are absent.
         noise: explicit initial ``x_T`` ``[B, C, H, W]``.
@@ -92,6 +93,7 @@ def reference_sample(
     Returns:
         The final images ``[B, C, H, W]``, and the trace when ``return_trace``.
     """
+    scale, alpha = resolve_guidance_args(protector, scale, alpha)
     check_sampling_args(
         schedule,
         num_inference_steps=num_inference_steps,

@@ -23,6 +23,7 @@ from .validation import (
     check_protector_output,
     check_sampling_args,
     check_shape,
+    resolve_guidance_args,
 )
 
 _PREDICTION_IDS = {"epsilon": 0, "v_prediction": 1, "sample": 2}
@@ -40,8 +41,8 @@ class CPSampler:
         schedule: a ``NoiseSchedule``.
         num_inference_steps: number of DDIM steps.
         eta: DDIM η ≥ 0.
-        scale: guidance scale s ≥ 0 (0 = plain DDIM).
-        alpha: gate threshold α ∈ (0, 0.5].
+        scale: guidance scale s ≥ 0 (0 = plain DDIM); required with a protector (paper: 1000).
+        alpha: gate threshold α ∈ (0, 0.5]; required with a protector (paper: 0.001).
         mode: ``"repel"``, ``"attract"`` or ``"entropy"``.
         backend: fused-update backend, ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpp"`` or
             ``"torch"``.
@@ -62,14 +63,15 @@ class CPSampler:
         *,
         num_inference_steps: int,
         eta: float = 0.0,
-        scale: float = 0.0,
-        alpha: float = 0.001,
+        scale: float | None = None,
+        alpha: float | None = None,
         mode: str = "repel",
         backend: str = "auto",
         compile: bool | str = False,
         guidance_range: tuple[int, int] | None = None,
         streams: bool = False,
     ):
+        scale, alpha = resolve_guidance_args(protector, scale, alpha)
         check_sampling_args(
             schedule,
             num_inference_steps=num_inference_steps,

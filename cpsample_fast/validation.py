@@ -40,6 +40,23 @@ def check_sampling_args(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+def resolve_guidance_args(protector, scale, alpha) -> tuple[float, float]:
+    """``scale`` and ``alpha`` are required with a protector (SPEC §5 gives them no default).
+
+    A protector passed without them would otherwise sample unprotected without a word; the
+    paper pairs s = 1000 with α = 0.001. Without a protector they default to plain DDIM.
+    """
+    if protector is not None:
+        if scale is None or alpha is None:
+            missing = " and ".join(n for n, v in (("scale", scale), ("alpha", alpha)) if v is None)
+            raise TypeError(
+                f"{missing} must be given with a protector (the paper uses scale=1000, "
+                "alpha=0.001); pass scale=0 for plain DDIM"
+            )
+        return float(scale), float(alpha)
+    return (0.0 if scale is None else float(scale)), (0.5 if alpha is None else float(alpha))
+
+
 def check_shape(shape: Sequence[int]) -> tuple[int, int, int, int]:
     """``shape`` must be ``(B, C, H, W)`` of positive ints."""
     try:

@@ -162,10 +162,19 @@ def test_scale_zero_and_no_protector_are_plain_ddim():
             num_inference_steps=n,
             eta=0.5,
             scale=scale,
+            alpha=0.5,
             noise=x_T,
             step_noise=z,
         )
         assert _rel(out, plain) < 1e-5
+
+
+def test_protector_without_scale_or_alpha_is_refused():
+    """A protector passed without scale/alpha must not silently sample unprotected."""
+    prot = LinearProtector(torch.zeros(SHAPE[1:]), 4.0)
+    for kw in ({}, {"scale": 1000.0}, {"alpha": 0.001}):
+        with pytest.raises(TypeError, match="must be given with a protector"):
+            reference_sample(LinearEps(), prot, NoiseSchedule(), SHAPE, num_inference_steps=2, **kw)
 
 
 @pytest.mark.parametrize("mode", ["repel", "attract", "entropy"])
@@ -236,11 +245,13 @@ def test_bad_input_errors():
     with pytest.raises(TypeError, match="floating-point"):
         reference_sample(lambda x, t: x.long(), None, s, shape, num_inference_steps=4)
     with pytest.raises(ValueError, match="protector must return logits"):
-        reference_sample(eps, lambda x, t: x.flatten(1), s, shape, num_inference_steps=4, scale=1.0)
+        reference_sample(
+            eps, lambda x, t: x.flatten(1), s, shape, num_inference_steps=4, scale=1.0, alpha=0.1
+        )
     t_bad = int(s.timesteps(4)[2])
     msg = f"eps_model produced NaN/inf at step 2 \\(t={t_bad}\\)"
     with pytest.raises(FloatingPointError, match=msg):
         reference_sample(NaNAt(t_bad), None, s, shape, num_inference_steps=4)
     nan_prot = lambda x, t: torch.where(t == t_bad, torch.nan, 1.0) + 0 * x.flatten(1).sum(1)  # noqa: E731
     with pytest.raises(FloatingPointError, match="protector produced NaN/inf at step 2"):
-        reference_sample(eps, nan_prot, s, shape, num_inference_steps=4, scale=1.0)
+        reference_sample(eps, nan_prot, s, shape, num_inference_steps=4, scale=1.0, alpha=0.1)

@@ -104,7 +104,9 @@ def test_plain_ddim_when_no_protector_or_zero_scale():
     kw = dict(num_inference_steps=N_STEPS, eta=0.5)
     ref = reference_sample(unet, None, schedule, SHAPE, noise=x_T, step_noise=z, **kw)
     for p, s in [(None, 5.0), (prot, 0.0)]:
-        out = CPSampler(unet, p, schedule, scale=s, **kw).sample(SHAPE, noise=x_T, step_noise=z)
+        out = CPSampler(unet, p, schedule, scale=s, alpha=0.1, **kw).sample(
+            SHAPE, noise=x_T, step_noise=z
+        )
         assert _rel(out, ref) < 1e-6
 
 
@@ -197,19 +199,23 @@ def test_nan_reported_once_with_model_and_step():
 def test_bad_input_errors():
     unet, prot = _models()
     s = NoiseSchedule()
+    with pytest.raises(TypeError, match="scale must be given with a protector"):
+        CPSampler(unet, prot, s, num_inference_steps=4, alpha=0.001)
     with pytest.raises(ValueError, match="alpha"):
-        CPSampler(unet, prot, s, num_inference_steps=4, alpha=0.7)
+        CPSampler(unet, prot, s, num_inference_steps=4, scale=1.0, alpha=0.7)
     with pytest.raises(ValueError, match="scale"):
-        CPSampler(unet, prot, s, num_inference_steps=4, scale=-2.0)
+        CPSampler(unet, prot, s, num_inference_steps=4, scale=-2.0, alpha=0.1)
     with pytest.raises(ValueError, match="eta"):
-        CPSampler(unet, prot, s, num_inference_steps=4, eta=-1.0)
+        CPSampler(unet, prot, s, num_inference_steps=4, scale=1.0, alpha=0.1, eta=-1.0)
     with pytest.raises(ValueError, match="num_inference_steps"):
-        CPSampler(unet, prot, s, num_inference_steps=0)
+        CPSampler(unet, prot, s, num_inference_steps=0, scale=1.0, alpha=0.1)
     with pytest.raises(ValueError, match="backend"):
-        CPSampler(unet, prot, s, num_inference_steps=4, backend="metal")
+        CPSampler(unet, prot, s, num_inference_steps=4, scale=1.0, alpha=0.1, backend="metal")
     with pytest.raises(ValueError, match="guidance_range"):
-        CPSampler(unet, prot, s, num_inference_steps=4, guidance_range=(500, 100))
-    sampler = CPSampler(unet, prot, s, num_inference_steps=4, scale=1.0)
+        CPSampler(
+            unet, prot, s, num_inference_steps=4, scale=1.0, alpha=0.1, guidance_range=(500, 100)
+        )
+    sampler = CPSampler(unet, prot, s, num_inference_steps=4, scale=1.0, alpha=0.1)
     with pytest.raises(ValueError, match="shape"):
         sampler.sample((3, 1, 8))
     with pytest.raises(ValueError, match="noise must have shape"):
@@ -217,6 +223,6 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="eps_model returned shape"):
         CPSampler(lambda x, t: x[:, :, :4], None, s, num_inference_steps=2).sample(SHAPE)
     with pytest.raises(ValueError, match="protector must return logits"):
-        CPSampler(unet, lambda x, t: x.flatten(1), s, num_inference_steps=2, scale=1.0).sample(
-            SHAPE
-        )
+        CPSampler(
+            unet, lambda x, t: x.flatten(1), s, num_inference_steps=2, scale=1.0, alpha=0.1
+        ).sample(SHAPE)
