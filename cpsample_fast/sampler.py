@@ -53,6 +53,9 @@ class CPSampler:
             use it where the protector's report shows it never reaches the gate).
         streams: on CUDA, run the protector's forward + VJP on a side stream, overlapping the
             eps-model (eager mode only: ``torch.compile`` does not trace streams).
+        compile_options: inductor options for ``compile``, e.g. ``{"freezing": True}``
+            (constant-folds the weights: on the 2-core CPU, CIFAR-like config, 1.15× vs 1.12×
+            the reference without it; the models' weights must not change afterwards).
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class CPSampler:
         compile: bool | str = False,
         guidance_range: tuple[int, int] | None = None,
         streams: bool = False,
+        compile_options: dict | None = None,
     ):
         scale, alpha = resolve_guidance_args(protector, scale, alpha)
         check_sampling_args(
@@ -141,6 +145,7 @@ class CPSampler:
         self._compiled = {}
         # torch.compile backend; tests swap in a graph counter to check "one graph, all steps"
         self.compile_backend = "inductor"
+        self.compile_options = dict(compile_options or {})
 
     # ------------------------------------------------------------------ the step
     def _step(self, x, k, tables, rng_base, z, guided: bool, draw_noise: bool):
@@ -204,10 +209,23 @@ class CPSampler:
         def logits_of(x_in):
             return check_protector_output(self._prot(x_in, t), B, None, None).float()
 
-        f, vjp_fn = torch.func.vjp(logits_of, x)
         scale_t = tables["scale"].index_select(0, k1).reshape(())
-        c, q, m = ops.guidance_seed(f, scale_t, self.alpha, self._mode_id, backend="auto")
-        (g,) = vjp_fn(c)
+        if torch.compiler.is_compiling():
+            # torch.func.vjp traces into one fullgraph (autograd.grad would break the graph)
+            f, vjp_fn = torch.func.vjp(logits_of, x)
+            c, q, m = ops.guidance_seed(f, scale_t, self.alpha, self._mode_id, backend="auto")
+            (g,) = vjp_fn(c)
+        else:
+            # eager: plain autograd is ~10-15% faster than functorch's vjp for the protector's
+            # forward+backward (CPU, cifar ProtectorNet, batch 16: ~19.5 vs ~22.5 ms)
+            with torch.enable_grad():
+                x_in = x.detach().requires_grad_(True)
+                f = logits_of(x_in)
+                c, q, m = ops.guidance_seed(
+                    f.detach(), scale_t, self.alpha, self._mode_id, backend="auto"
+                )
+                (g,) = torch.autograd.grad(f, x_in, grad_outputs=c)
+            f = f.detach()
         return f, q, m, g.contiguous(), torch.isfinite(f).all()
 
     # ------------------------------------------------------------------ helpers
@@ -228,8 +246,16 @@ class CPSampler:
         key = (guided, draw_noise)
         if key not in self._compiled:
             mode = self.compile if isinstance(self.compile, str) else None
+            options = self.compile_options if self.compile_backend == "inductor" else None
+            if options and mode:
+                mode = None  # torch.compile takes either a mode or options
+                options = {**options, "triton.cudagraphs": self.compile == "reduce-overhead"}
             self._compiled[key] = torch.compile(
-                self._step, fullgraph=True, mode=mode, backend=self.compile_backend
+                self._step,
+                fullgraph=True,
+                mode=mode,
+                backend=self.compile_backend,
+                options=options or None,
             )
         return self._compiled[key]
 

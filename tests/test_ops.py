@@ -136,6 +136,23 @@ def test_no_guidance_equals_zero_guidance():
     assert torch.equal(a, b)
 
 
+def test_op_accepts_other_strides_that_inductor_may_pass():
+    """The raw op takes channels_last inputs (inductor's layout optimisation) and returns the
+    same row-major result; only the Python wrapper insists on contiguous inputs."""
+    x, o, g, z = (t.reshape(3, 3, 5, 7) for t in make_inputs((3, 3, 5, 7)))
+    coefs, rng = make_coefs(), torch.tensor([0, 0, 0])
+    args = (coefs, rng, 0, True, False)
+    want = torch.ops.cpsample.guided_update(x, o, g, z, *args, "torch")
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in (x, o, g, z)]
+    for backend in ops.available_backends("cpu"):
+        got = torch.ops.cpsample.guided_update(*cl, *args, backend)
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.guided_update(cl[0], o, g, z, coefs, rng, prediction_type=0, clip_sample=True,
+                          draw_noise=False)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # Other backends through the same op
 # ---------------------------------------------------------------------------------------------

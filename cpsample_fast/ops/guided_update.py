@@ -37,7 +37,7 @@ _BUILD_HINT = (
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_like_x(t: torch.Tensor, name: str, x: torch.Tensor) -> None:
+def _check_like_x(t: torch.Tensor, name: str, x: torch.Tensor, contiguous: bool = True) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"guided_update: {name} must be a tensor or None, got {type(t).__name__}")
     if t.dtype != torch.float32:
@@ -48,7 +48,7 @@ def _check_like_x(t: torch.Tensor, name: str, x: torch.Tensor) -> None:
         raise ValueError(
             f"guided_update: {name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}"
         )
-    if not t.is_contiguous():
+    if contiguous and not t.is_contiguous():
         raise ValueError(f"guided_update: {name} must be contiguous (call .contiguous())")
 
 
@@ -83,21 +83,27 @@ def check_guided_update_args(
     clip_sample: bool,
     draw_noise: bool,
     backend: str,
+    contiguous: bool = True,
 ) -> None:
-    """Validate the op's arguments; raise ``TypeError``/``ValueError`` naming the bad one."""
+    """Validate the op's arguments; raise ``TypeError``/``ValueError`` naming the bad one.
+
+    ``contiguous=False`` (inside the op and its fake) accepts any strides: inductor may hand a
+    custom op other strides than the traced program had (layout optimisation under freezing),
+    and the op makes its inputs contiguous itself.
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"guided_update: x must be a tensor, got {type(x).__name__}")
     if x.dtype != torch.float32:
         raise TypeError(f"guided_update: x must be float32, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("guided_update: x must have a batch dimension [B, ...], got a 0-d tensor")
-    if not x.is_contiguous():
+    if contiguous and not x.is_contiguous():
         raise ValueError("guided_update: x must be contiguous (call .contiguous())")
-    _check_like_x(model_out, "model_out", x)
+    _check_like_x(model_out, "model_out", x, contiguous)
     if guidance is not None:
-        _check_like_x(guidance, "guidance", x)
+        _check_like_x(guidance, "guidance", x, contiguous)
     if noise is not None:
-        _check_like_x(noise, "noise", x)
+        _check_like_x(noise, "noise", x, contiguous)
     _check_small(coefs, "coefs", torch.float32, NUM_COEFS, x, "(sa, s1, sp, d, sigma, clip_range)")
     _check_small(rng, "rng", torch.int64, NUM_RNG, x, "(seed, step, sample_offset)")
     if isinstance(prediction_type, bool) or not isinstance(prediction_type, int):
@@ -248,8 +254,21 @@ def _guided_update_op(
     x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend
 ):
     check_guided_update_args(
-        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend
+        x,
+        model_out,
+        guidance,
+        noise,
+        coefs,
+        rng,
+        prediction_type,
+        clip_sample,
+        draw_noise,
+        backend,
+        contiguous=False,
     )
+    x, model_out = x.contiguous(), model_out.contiguous()
+    guidance = None if guidance is None else guidance.contiguous()
+    noise = None if noise is None else noise.contiguous()
     impl = _IMPLS[resolve_backend(backend, x.device)]
     return impl(x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise)
 
@@ -259,9 +278,19 @@ def _guided_update_fake(
     x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend
 ):
     check_guided_update_args(
-        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend
+        x,
+        model_out,
+        guidance,
+        noise,
+        coefs,
+        rng,
+        prediction_type,
+        clip_sample,
+        draw_noise,
+        backend,
+        contiguous=False,
     )
-    return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
