@@ -253,19 +253,8 @@ _IMPLS = {
 def _guided_update_op(
     x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend
 ):
-    check_guided_update_args(
-        x,
-        model_out,
-        guidance,
-        noise,
-        coefs,
-        rng,
-        prediction_type,
-        clip_sample,
-        draw_noise,
-        backend,
-        contiguous=False,
-    )
+    opts = (prediction_type, clip_sample, draw_noise, backend)
+    check_guided_update_args(x, model_out, guidance, noise, coefs, rng, *opts, contiguous=False)
     x, model_out = x.contiguous(), model_out.contiguous()
     guidance = None if guidance is None else guidance.contiguous()
     noise = None if noise is None else noise.contiguous()
@@ -277,19 +266,8 @@ def _guided_update_op(
 def _guided_update_fake(
     x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend
 ):
-    check_guided_update_args(
-        x,
-        model_out,
-        guidance,
-        noise,
-        coefs,
-        rng,
-        prediction_type,
-        clip_sample,
-        draw_noise,
-        backend,
-        contiguous=False,
-    )
+    opts = (prediction_type, clip_sample, draw_noise, backend)
+    check_guided_update_args(x, model_out, guidance, noise, coefs, rng, *opts, contiguous=False)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
