@@ -50,7 +50,10 @@ class CPSampler:
             ``torch.compile`` mode string such as ``"reduce-overhead"`` (CUDA graphs on GPU).
         guidance_range: optional inclusive ``(t_min, t_max)`` of training timesteps where the
             protector is run; elsewhere the step skips it entirely (a static, per-step choice:
-            use it where the protector's report shows it never reaches the gate).
+            use it where the protector's report shows it never reaches the gate, e.g. from
+            ``report.acting_range()``). Measured on the 2-core CPU, CIFAR-like config, batch 16,
+            10 steps: guiding only t < 300 (3 of 10 steps) takes 124.9 ms/step against 132.1 for
+            every step and 119.4 unguided — the protector's forward + backward is ~10% of a step.
         streams: on CUDA, run the protector's forward + VJP on a side stream, overlapping the
             eps-model (eager mode only: ``torch.compile`` does not trace streams).
         compile_options: inductor options for ``compile``, e.g. ``{"freezing": True}``
