@@ -4,11 +4,20 @@
     OMP_NUM_THREADS=1 .venv/bin/python scripts/tune_demo_guidance.py --n 128 --seed 1 \
         --grid repel:0.3:200 repel:0.3:250 repel:0.2:300 repel:0.25:250 entropy:0.25:300 \
         attract:0.25:100
+    # the entropy / guidance_range / steps / eta search behind the current defaults
+    # (entropy, alpha 0.3, s 225); run it for --seed 0 and --seed 1 (and 2, 3 held out):
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/tune_demo_guidance.py --n 128 --seed 0 \
+        --grid repel:0.3:250 entropy:0.3:200 entropy:0.3:215 entropy:0.3:225 \
+        entropy:0.3:240 entropy:0.3:250 repel:0.4:200 repel:0.3:250:50-600 repel:0.3:250:0-400
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/tune_demo_guidance.py --n 128 --seed 0 \
+        --eta 0.5 --grid repel:0.3:250 repel:0.3:500
 
-For each setting: replication rate (nearest-member pixel cosine > 0.95 / 0.97 / 0.98), Carlini's
-ℓ2 rate, mean / max similarity and the Fréchet distance to the 512 evaluation digits in one
-FeatureNet space, for the shipped UNet and protector, 50 DDIM steps, against plain DDIM at the
-same seeds. One JSON line per setting (``--out`` also collects them in a file).
+Grid entries are ``mode:alpha:scale`` or ``mode:alpha:scale:lo-hi`` (``guidance_range``, the
+inclusive timesteps where the protector runs). For each setting: replication rate
+(nearest-member pixel cosine > 0.95 / 0.97 / 0.98), Carlini's ℓ2 rate, mean / max similarity and
+the Fréchet distance to the 512 evaluation digits in one FeatureNet space, for the shipped UNet
+and protector, against plain DDIM at the same seeds, ``--steps`` (default 50) and ``--eta``
+(default 0). One JSON line per setting (``--out`` also collects them in a file).
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ def main() -> int:
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--grid", nargs="+", default=FIRST_GRID, help="mode:alpha:scale entries")
     p.add_argument("--out", help="JSON file collecting the results")
     args = p.parse_args()
@@ -62,17 +72,20 @@ def main() -> int:
     features = train_feature_net(split.evaluation, steps=200, seed=0)
     results = []
     for entry in ["repel:0.5:0", *args.grid]:
-        mode, alpha, scale = entry.split(":")
+        mode, alpha, scale, *rest = entry.split(":")
         alpha, scale = float(alpha), float(scale)
+        guidance_range = tuple(int(v) for v in rest[0].split("-")) if rest else None
         t0 = time.perf_counter()
         sampler = CPSampler(
             model,
             protector if scale else None,
             schedule,
             num_inference_steps=args.steps,
+            eta=args.eta,
             scale=scale,
             alpha=alpha,
             mode=mode,
+            guidance_range=guidance_range,
         )
         x = sampler.sample((args.n, 1, 16, 16), seed=args.seed)
         rep = replication(x, split.members, thresholds=(0.95, 0.97, 0.98))
@@ -81,6 +94,9 @@ def main() -> int:
             "mode": mode,
             "alpha": alpha,
             "scale": scale,
+            "guidance_range": guidance_range,
+            "steps": args.steps,
+            "eta": args.eta,
             "seed": args.seed,
             "n": args.n,
             "rates": rep.rates,
