@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -64,6 +65,8 @@ def test_quick_csv_rows_have_the_schema_and_sane_numbers(quick_run):
     assert ("fused", "protector_ms") in metrics
     assert ("ddim", "protector_ms") not in metrics  # unguided: the protector never runs
     assert ("reference", "speedup_vs_reference") in metrics
+    if sys.platform.startswith("linux"):  # peak RSS from /proc on a Linux CPU
+        assert ("fused", "peak_memory") in metrics
     ref_ratio = [
         float(r["median"])
         for r in rows

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ..adapters import ModelCaller
 from ..reference import reference_sample
 from .configs import BenchConfig, build_models, convert_model, default_schedule
+from .memory import peak_memory_mib, reset_peak_memory
 from .records import Row
 from .timing import Timing, measure
 
@@ -167,6 +168,7 @@ class ProviderResult:
     rms_err_vs_fp64: float | None = None
     err_ratio_same_dtype: float | None = None
     speedup: tuple[float, float, float] | None = None  # (median, p20, p80) vs reference
+    peak_mib: float | None = None  # GPU: allocator peak; CPU: process peak RSS (bench/memory.py)
     extra: dict = field(default_factory=dict)
 
 
@@ -394,9 +396,11 @@ def run_sampler_bench(
             run, backend = ctx.make_runner(spec)
             first, _ = measure(run, repeats=1, warmup=0, device=s.device)
             warm = s.warmup + (1 if spec.compile else 0)
+            reset_peak_memory(s.device)
             total, samples = measure(
                 run, repeats=s.repeats, warmup=warm - 1 if warm else 0, device=s.device
             )
+            peak_mib = peak_memory_mib(s.device)
             # the error first: a CUDA-graph provider's output lives in its graph's memory pool
             err = _error(samples, ref64) if ref64 is not None and spec.guided else (None, None)
             del samples
@@ -406,7 +410,7 @@ def run_sampler_bench(
             errors[name] = f"{type(exc).__name__}: {exc}"
             errors[name + ":traceback"] = traceback.format_exc(limit=8)
             continue
-        result = ProviderResult(name, total, first.median, split, backend)
+        result = ProviderResult(name, total, first.median, split, backend, peak_mib=peak_mib)
         result.err_vs_fp64, result.rms_err_vs_fp64 = err
         results.append(result)
         _ratios(results)
@@ -477,6 +481,8 @@ def _rows(
             ms = timing.scaled(1000.0)
             row(f"{piece}_ms", "ms", ms.median, ms.p20, ms.p80)
         row("first_call_s", "s", r.first_call_s, r.first_call_s, r.first_call_s)
+        if r.peak_mib is not None:
+            row("peak_memory", "MiB", r.peak_mib, r.peak_mib, r.peak_mib)
         if r.speedup is not None:
             row("speedup_vs_reference", "x", *r.speedup)
         if r.err_vs_fp64 is not None:
@@ -500,7 +506,7 @@ def format_table(result: SamplerBenchResult) -> str:
     head = (
         f"{'provider':<20} {'img/s':>8} {'ms/step':>9} {'[p20-p80]':>15} {'eps':>8} "
         f"{'prot f+b':>8} {'update':>7} {'rest':>8} {'x ref':>6} {'err vs fp64':>11} "
-        f"{'err/ref':>7}  backend"
+        f"{'err/ref':>7} {'peak MiB':>8}  backend"
     )
     lines += [head, "-" * len(head)]
     for r in result.results:
@@ -512,10 +518,11 @@ def format_table(result: SamplerBenchResult) -> str:
         err = f"{r.err_vs_fp64:.2e}" if r.err_vs_fp64 is not None else "-"
         ratio = f"{r.err_ratio_same_dtype:.2f}" if r.err_ratio_same_dtype is not None else "-"
         prot = f"{pieces['protector']:.2f}" if "protector" in pieces else "-"
+        peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "-"
         lines.append(
             f"{r.name:<20} {s.batch / r.total.median:>8.2f} {per.median:>9.2f} {band:>15} "
             f"{pieces['eps_model']:>8.2f} {prot:>8} {pieces['update']:>7.3f} {rest:>8.2f} "
-            f"{speed:>6} {err:>11} {ratio:>7}  {r.backend}"
+            f"{speed:>6} {err:>11} {ratio:>7} {peak:>8}  {r.backend}"
         )
     for name, msg in result.errors.items():
         if not name.endswith(":traceback"):
@@ -523,7 +530,8 @@ def format_table(result: SamplerBenchResult) -> str:
     lines.append(
         "ms columns are per step (median); eps / prot f+b / update timed alone at the same shapes; "
         "x ref = reference median / provider median; err/ref = error vs fp64 over the reference's "
-        "in the same model dtype (rule: <= 2)."
+        "in the same model dtype (rule: <= 2); peak MiB = CUDA allocator peak, or the process's "
+        "peak RSS on the CPU, over the timed calls."
     )
     return "\n".join(lines)
 
@@ -549,6 +557,7 @@ def summary(result: SamplerBenchResult) -> dict:
                 "samples_s": list(r.total.samples),
                 "images_per_s": result.settings.batch / r.total.median,
                 "first_call_s": r.first_call_s,
+                "peak_memory_mib": r.peak_mib,
                 "split_ms": {k: v.median * 1000.0 for k, v in r.split.items()},
                 "speedup_vs_reference": None if r.speedup is None else r.speedup[0],
                 "max_abs_err_vs_fp64": r.err_vs_fp64,
