@@ -275,6 +275,7 @@ class CPSampler:
         return_trace: bool = False,
         device=None,
         callback=None,
+        progress: bool = False,
     ):
         """Draw protected samples (SPEC §3), same keyword arguments as ``reference_sample``.
 
@@ -287,6 +288,7 @@ class CPSampler:
             return_trace: also return the per-step confidence/gate :class:`SamplingTrace`.
             device: where to sample (default: ``noise``'s device, else the eps-model's, else CPU).
             callback: optional ``callback(step, t, x)``; called after every step (it may sync).
+            progress: show a tqdm bar over the steps (host-side only: it adds no sync).
 
         Returns:
             Final images ``[B, C, H, W]`` float32 (and the trace when asked).
@@ -312,7 +314,12 @@ class CPSampler:
         draw = self.eta > 0 and step_noise is None
         trace = SamplingTrace.empty(self.timesteps, B, device) if return_trace else None
         first_bad = torch.full((3,), n, dtype=torch.int64, device=device)
-        for k in range(n):
+        steps = range(n)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="CPSample" if any(self._guided_steps) else "DDIM")
+        for k in steps:
             k_t = tables["steps"][k]
             z = step_noise[k].contiguous() if (step_noise is not None and self.eta > 0) else None
             guided = self._guided_steps[k]

@@ -110,6 +110,17 @@ def test_plain_ddim_when_no_protector_or_zero_scale():
         assert _rel(out, ref) < 1e-6
 
 
+def test_progress_bar_and_callback(capsys):
+    unet, prot = _models()
+    x_T, _ = _noise()
+    seen = []
+    sampler = CPSampler(unet, prot, NoiseSchedule(), num_inference_steps=3, scale=1.0, alpha=0.1)
+    out = sampler.sample(SHAPE, noise=x_T, progress=True, callback=lambda k, t, x: seen.append(k))
+    assert seen == [0, 1, 2]
+    assert "CPSample" in capsys.readouterr().err
+    assert torch.equal(out, sampler.sample(SHAPE, noise=x_T))
+
+
 def test_guidance_range_skips_the_protector_outside_it():
     unet, prot = _models()
     schedule = NoiseSchedule()
