@@ -72,6 +72,12 @@ def ensure_writable_dir(path: str | os.PathLike, name: str = "directory") -> Pat
     return p
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success move it onto ``path`` atomically.
@@ -89,6 +95,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".tmp-{final.name}-")
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp creates mode 0600 and os.replace keeps it: give the file the mode a plain open()
+    # would (0666 less the umask), so other users of a shared cluster can read the results
+    os.chmod(tmp_path, 0o666 & ~_umask())
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:

@@ -87,3 +87,17 @@ def test_unwritable_directory_is_reported(tmp_path):
                 ensure_writable_dir(ro, "checkpoint_dir")
         finally:
             ro.chmod(0o700)
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    """mkstemp's 0600 must not leak into results other users need to read."""
+    import os
+
+    from cpsample_fast.io import write_json_atomic
+
+    mask = os.umask(0o022)
+    try:
+        path = write_json_atomic(tmp_path / "r.json", {"a": 1})
+        assert path.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)
