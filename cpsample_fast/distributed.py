@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import load_safetensors, save_safetensors_atomic
+from .io import (
+    load_safetensors,
+    read_json,
+    safetensors_metadata,
+    save_safetensors_atomic,
+    write_json_atomic,
+)
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,9 @@ class RankInfo:
 def init_process_group(info: RankInfo, device: torch.device) -> bool:
     """Join the ``torchrun`` process group when there is more than one rank.
 
+    The timeout is long (6 h): rank 0 waits at the final barrier while the other ranks finish
+    their last batch, which for long DDPM runs of big models exceeds the 10-minute default.
+
     Returns True when a group was initialised here (and should be destroyed by the caller).
     """
     if info.world_size <= 1:
@@ -59,7 +68,10 @@ def init_process_group(info: RankInfo, device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    from datetime import timedelta
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(hours=6))
     return True
 
 
@@ -104,11 +116,39 @@ def write_shard(out_dir, batch_index: int, tensors: dict[str, torch.Tensor], met
     return path
 
 
+def check_manifest(out_dir, manifest: dict, info: RankInfo, *, resume: bool) -> None:
+    """Make sure the shards in ``out_dir`` belong to the run described by ``manifest``.
+
+    Shards are reused on resume only when every setting that shapes them (model, protector,
+    seed, steps, guidance, batch size, sample count, ...) is the same; otherwise a rerun in the
+    same folder would silently merge samples of two different runs.
+
+    Raises:
+        ValueError: naming the settings that differ, when resuming into another run's shards.
+    """
+    path = Path(out_dir) / "shards" / "manifest.json"
+    if path.is_file() and resume:
+        old = read_json(path)
+        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        if diff:
+            raise ValueError(
+                f"{Path(out_dir)} holds shards of a different run (settings differ: "
+                f"{', '.join(diff)}); use another --out, or --no-resume to redo every batch"
+            )
+    elif info.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, manifest)
+
+
 def merge_shards(out_dir, num_samples: int, batch_size: int) -> dict[str, np.ndarray]:
     """Concatenate all shards in sample order (every key of the shards).
 
+    Each shard must hold exactly the samples its batch index names (checked against the
+    ``first_sample`` it records and its row count), so shards of another batch size are refused.
+
     Raises:
         FileNotFoundError: naming the missing batches when some shard is absent.
+        ValueError: a shard that does not hold the samples of its batch.
     """
     n_batches = math.ceil(num_samples / batch_size)
     missing = [b for b in range(n_batches) if not shard_path(out_dir, b).is_file()]
@@ -119,6 +159,16 @@ def merge_shards(out_dir, num_samples: int, batch_size: int) -> dict[str, np.nda
         )
     parts: dict[str, list[np.ndarray]] = {}
     for b in range(n_batches):
-        for k, v in load_safetensors(shard_path(out_dir, b)).items():
+        path = shard_path(out_dir, b)
+        first, size = b * batch_size, min(batch_size, num_samples - b * batch_size)
+        meta = safetensors_metadata(path)
+        tensors = load_safetensors(path)
+        rows = {int(v.shape[0]) for v in tensors.values()}
+        if meta.get("first_sample") != str(first) or rows != {size}:
+            raise ValueError(
+                f"{path} holds samples from {meta.get('first_sample')} ({sorted(rows)} rows), "
+                f"expected {size} from {first}: it belongs to another run; use --no-resume"
+            )
+        for k, v in tensors.items():
             parts.setdefault(k, []).append(v.numpy())
     return {k: np.concatenate(v, axis=0) for k, v in parts.items()}

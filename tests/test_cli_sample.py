@@ -79,6 +79,24 @@ def test_sample_writes_outputs_and_resumes(assets, tmp_path):
     np.testing.assert_array_equal(again["samples"], first["samples"])
 
 
+def test_resume_refuses_shards_of_another_run(assets, tmp_path):
+    out = tmp_path / "run"
+    _run(assets, out)
+    first = np.load(out / "samples.npz")["samples"]
+    for changed in (["--batch-size", "3"], ["--seed", "5"], ["--scale", "20"]):
+        args = _args(assets, out)
+        i = args.index(changed[0])
+        args[i + 1] = changed[1]
+        with pytest.raises(ValueError, match="holds shards of a different run"):
+            cli_main(args)
+    # --no-resume redoes every batch under the new settings; the samples do not depend on the
+    # batch size (counter-based noise), so they equal the first run's
+    args = _args(assets, out, "--no-resume")
+    args[args.index("--batch-size") + 1] = "3"
+    assert cli_main(args) == 0
+    np.testing.assert_allclose(np.load(out / "samples.npz")["samples"], first, atol=1e-5)
+
+
 def test_torchrun_two_ranks_equal_one_process(assets, tmp_path):
     _run(assets, tmp_path / "single")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

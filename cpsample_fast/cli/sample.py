@@ -84,6 +84,7 @@ def main(args) -> int:
         RankInfo,
         barrier,
         batch_plan,
+        check_manifest,
         init_process_group,
         merge_shards,
         shard_path,
@@ -123,6 +124,7 @@ def main(args) -> int:
         compile=args.compile,
     )
     shape_chw = _sample_shape(eps_model, protector)
+    check_manifest(out, _manifest(args, shape_chw), info, resume=not args.no_resume)
     plan = batch_plan(args.num_samples, args.batch_size, info)
     todo = [b for b in plan if args.no_resume or not shard_path(out, b[0]).is_file()]
     if info.rank == 0:
@@ -203,6 +205,27 @@ def main(args) -> int:
 
         dist.destroy_process_group()
     return 0
+
+
+def _file_stamp(path: Path) -> list:
+    """Identity of a model file or folder for the resume manifest: (name, size, mtime) of each
+    file, cheap even for multi-GB weights."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [[str(f.relative_to(path) if path.is_dir() else f.name), f.stat().st_size,
+             f.stat().st_mtime_ns] for f in files if f.exists()]  # fmt: skip
+
+
+def _manifest(args, shape_chw) -> dict:
+    """Every setting that shapes the samples of a run (what resuming must not change)."""
+    keys = ("model", "protector", "num_samples", "batch_size", "steps", "eta", "scale", "alpha",
+            "mode", "seed", "bf16", "channels_last")  # fmt: skip
+    manifest = {k: getattr(args, k) for k in keys}
+    manifest["shape"] = list(shape_chw)
+    for k in ("model", "protector"):
+        value = getattr(args, k)
+        if value and Path(value).exists():
+            manifest[f"{k}_files"] = _file_stamp(Path(value))
+    return manifest
 
 
 def _same_schedule(config: dict, schedule) -> bool:
