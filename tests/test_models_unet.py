@@ -78,7 +78,8 @@ def test_train_checkpoint_resume(tmp_path):
         log_every=2,
     )
     groups, meta = load_checkpoint(ckpt)
-    assert meta["step"] == 6 and set(groups) == {"model", "ema", "opt"}
+    assert meta["step"] == 6 and set(groups) == {"model", "ema", "opt", "rng"}
+    assert groups["rng"]["train"].dtype == torch.uint8
     assert len(rep.losses) == 3 and all(loss > 0 for _, loss in rep.losses)
     # Resume to 9 steps: starts from step 6 with the optimiser state restored.
     _, rep2 = train_diffusion(
@@ -100,6 +101,114 @@ def test_train_checkpoint_resume(tmp_path):
     sd = model.state_dict()
     err = max((sd[k] - groups["ema"][k]).abs().max().item() for k in sd)
     assert err == 0.0
+
+
+def _kill_after(model, n):
+    """Make ``model`` raise on its ``n + 1``-th forward call: a run killed mid-step."""
+    calls = [0]
+    forward = model.forward
+
+    def counted(x, t):
+        calls[0] += 1
+        if calls[0] > n:
+            raise KeyboardInterrupt("simulated kill")
+        return forward(x, t)
+
+    model.forward = counted
+    return model
+
+
+def _train_tiny(model, images, steps, **kw):
+    return train_diffusion(
+        model,
+        images,
+        NoiseSchedule(),
+        steps=steps,
+        batch_size=3,  # odd
+        lr=3e-3,
+        warmup=2,  # shorter than the run, so the cosine part (which depends on steps) is used
+        seed=7,
+        progress=False,
+        log_every=2,
+        **kw,
+    )
+
+
+def _fresh_tiny(seed):
+    torch.manual_seed(seed)
+    return SmallUNet("tiny")
+
+
+def test_resume_after_kill_is_bitwise_identical(tmp_path):
+    torch.set_num_threads(1)
+    images = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    n, k = 7, 3
+    ref, ref_rep = _train_tiny(_fresh_tiny(0), images, n, checkpoint=tmp_path / "ref.safetensors")
+    ref_groups, _ = load_checkpoint(tmp_path / "ref.safetensors")
+
+    # Killed during step k + 1 (checkpoints every 3 steps: the last one is at step 3), then
+    # resumed in a new process-like setting: a differently initialised model and global RNG.
+    ckpt = tmp_path / "run.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        _train_tiny(
+            _kill_after(_fresh_tiny(0), k + 1), images, n, checkpoint=ckpt, checkpoint_every=3
+        )
+    _, mid = load_checkpoint(ckpt)
+    assert mid["step"] == 3
+    torch.manual_seed(123)
+    resumed, rep = _train_tiny(_fresh_tiny(5), images, n, checkpoint=ckpt, checkpoint_every=3)
+    groups, meta = load_checkpoint(ckpt)
+    assert meta["step"] == n
+    for group in ("model", "ema", "opt", "rng"):
+        errs = {
+            name: (groups[group][name].double() - ref_groups[group][name].double()).abs().max()
+            for name in ref_groups[group]
+        }
+        worst = max(errs.values()).item()
+        print(group, "max |resumed - uninterrupted|:", worst)
+        assert set(groups[group]) == set(ref_groups[group])
+        assert all(torch.equal(groups[group][k_], ref_groups[group][k_]) for k_ in errs)
+    sd, ref_sd = resumed.state_dict(), ref.state_dict()  # returned models: EMA weights
+    assert all(torch.equal(sd[k_], ref_sd[k_]) for k_ in ref_sd)
+    assert rep.losses == ref_rep.losses
+
+
+def test_resume_refuses_other_data_or_settings(tmp_path):
+    images = torch.rand(3, 1, 16, 16) * 2 - 1
+    ckpt = tmp_path / "m.safetensors"
+    _train_tiny(SmallUNet("tiny"), images, 2, checkpoint=ckpt)
+    with pytest.raises(ValueError, match="data_sha256"):
+        _train_tiny(SmallUNet("tiny"), images.flip(0), 4, checkpoint=ckpt)
+    with pytest.raises(ValueError, match="lr"):
+        train_diffusion(
+            SmallUNet("tiny"),
+            images,
+            NoiseSchedule(),
+            steps=4,
+            batch_size=3,
+            lr=1.0,
+            warmup=2,
+            seed=7,
+            checkpoint=ckpt,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="already at step 2"):
+        _train_tiny(SmallUNet("tiny"), images, 1, checkpoint=ckpt)
+    # resume=False starts over and overwrites.
+    _train_tiny(SmallUNet("tiny"), images.flip(0), 1, checkpoint=ckpt, resume=False)
+    assert load_checkpoint(ckpt)[1]["step"] == 1
+
+
+def test_checkpoint_meta_lives_in_the_weights_file(tmp_path):
+    """A kill between the weights and the sidecar rename must not mix two steps."""
+    images = torch.rand(3, 1, 16, 16) * 2 - 1
+    ckpt = tmp_path / "m.safetensors"
+    _train_tiny(SmallUNet("tiny"), images, 2, checkpoint=ckpt)
+    stale = json.loads(ckpt.with_suffix(".json").read_text())
+    _train_tiny(SmallUNet("tiny"), images, 4, checkpoint=ckpt)
+    ckpt.with_suffix(".json").write_text(json.dumps(stale))  # as if killed before the sidecar
+    groups, meta = load_checkpoint(ckpt)
+    assert meta["step"] == 4 and int(groups["opt"]["0.step"]) == 4
 
 
 def test_loss_decreases():

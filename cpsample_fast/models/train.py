@@ -7,6 +7,8 @@ must face.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
@@ -21,9 +23,17 @@ from ..io import (
     load_safetensors,
     read_json,
     refuse_pickle,
+    safetensors_metadata,
     save_safetensors_atomic,
     write_json_atomic,
 )
+
+# Header key of the safetensors file holding the JSON metadata: the weights, optimiser, RNG
+# state and ``step`` then live in one file written by one atomic rename, so a run killed at any
+# moment leaves either the old or the new checkpoint, never weights of one step with the
+# ``step`` of another. The ``.json`` sidecar is a readable copy written afterwards.
+_META_KEY = "cpsample_fast.meta"
+TRAIN_STATE_FORMAT = "cpsample_fast.train-diffusion-state/1"
 
 
 @dataclass
@@ -51,9 +61,14 @@ def _alphas_cumprod(schedule) -> torch.Tensor:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
-    """safetensors + JSON sidecar, each written atomically (``cpsample_fast.io``)."""
+    """safetensors (with ``meta`` in its header) then a JSON sidecar copy, each atomic.
+
+    The safetensors rename is the commit: :func:`load_checkpoint` reads ``meta`` from the header,
+    so a kill before the sidecar is replaced leaves a stale sidecar but a consistent checkpoint.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors_atomic(path, tensors)
+    text = json.dumps(meta, sort_keys=True, allow_nan=False)
+    save_safetensors_atomic(path, tensors, metadata={_META_KEY: text})
     write_json_atomic(path.with_suffix(".json"), meta)
 
 
@@ -63,7 +78,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict, **ext
     Args:
         path: ``.safetensors`` file; the sidecar is the same name with ``.json``.
         model: weights to store.
-        meta: JSON-able metadata (model config, schedule, data fingerprint, ...).
+        meta: JSON-able metadata (model config, schedule, data fingerprint, ...); stored in the
+            safetensors header (authoritative) and copied to the sidecar.
         **extra: more tensors dicts, stored under their keyword as prefix (e.g. ``ema=...``,
             ``opt=...``).
     """
@@ -76,9 +92,13 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict, **ext
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
+    Args:
+        path: the ``.safetensors`` file.
+
     Returns:
         ``(groups, meta)``: tensors grouped by prefix (``groups["model"]`` is a state dict) and
-        the JSON sidecar.
+        the metadata: from the safetensors header when it carries it (written in the same
+        atomic rename as the tensors), else from the JSON sidecar (older files).
     """
     path = refuse_pickle(path)
     if not path.exists():
@@ -88,9 +108,57 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.
     for k, v in flat.items():
         prefix, _, name = k.partition(".")
         groups.setdefault(prefix, {})[name] = v
-    side = path.with_suffix(".json")
-    meta = read_json(side) if side.exists() else {}
+    header = safetensors_metadata(path)
+    if _META_KEY in header:
+        meta = json.loads(header[_META_KEY])
+    else:
+        side = path.with_suffix(".json")
+        meta = read_json(side) if side.exists() else {}
     return groups, meta
+
+
+def _tensor_sha256(x: torch.Tensor) -> str:
+    """Hash of the exact float32 bytes (resuming on other data must be refused)."""
+    digest = hashlib.sha256()
+    for chunk in x.detach().split(1024):
+        digest.update(chunk.to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _train_identity(
+    model: nn.Module, images: torch.Tensor, ac: torch.Tensor, settings: dict
+) -> dict:
+    """Everything that must match for a resumed run to continue the same run."""
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    config = getattr(model, "config", None)
+    identity = {
+        "format": TRAIN_STATE_FORMAT,
+        "architecture": type(model).__qualname__,
+        "model_config": config.to_dict() if hasattr(config, "to_dict") else None,
+        "parameter_shapes_sha256": hashlib.sha256(
+            json.dumps(shapes, sort_keys=True).encode()
+        ).hexdigest(),
+        "data_shape": [int(s) for s in images.shape],
+        "data_sha256": _tensor_sha256(images),
+        "schedule_sha256": _tensor_sha256(ac),
+        **settings,
+    }
+    # Through JSON once, so tuples become lists exactly as in the stored copy.
+    return json.loads(json.dumps(identity, sort_keys=True))
+
+
+def _check_identity(ckpt: Path, saved: dict | None, identity: dict) -> None:
+    if saved is None:
+        raise ValueError(
+            f"checkpoint {str(ckpt)!r} has no training identity (not written by "
+            "train_diffusion, or by an older version); pass resume=False to start over"
+        )
+    if saved != identity:
+        diff = sorted(k for k in set(identity) | set(saved) if identity.get(k) != saved.get(k))
+        raise ValueError(
+            f"checkpoint {str(ckpt)!r} holds a training run with different data or settings "
+            f"({', '.join(diff)}); pass resume=False to start over or use another checkpoint"
+        )
 
 
 def _opt_state_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -144,11 +212,15 @@ def train_diffusion(
         lr: peak learning rate.
         warmup: linear warm-up steps.
         ema_decay: EMA of the weights (0 disables).
-        seed: seeds the timestep/noise/batch draws (resumes re-seed with ``seed + step``).
+        seed: seeds the timestep/noise/batch draws (one generator; its state is checkpointed).
         checkpoint: ``.safetensors`` path; written atomically every ``checkpoint_every`` steps and
-            at the end, with model, EMA and optimiser state.
+            at the end, with model, EMA, optimiser and generator state and the step in one file.
         checkpoint_every: steps between checkpoints.
-        resume: continue from ``checkpoint`` when it exists.
+        resume: continue from ``checkpoint`` when it exists. Data, model architecture, schedule,
+            ``batch_size``, ``lr``, ``warmup``, ``ema_decay`` and ``seed`` must match (else
+            ``ValueError``); with ``steps`` unchanged, a killed and resumed run ends with the
+            same weights, bit for bit, as an uninterrupted one. A larger ``steps`` continues a
+            finished run.
         meta: extra JSON-able metadata stored in the sidecar.
         progress: show a tqdm progress bar.
         log_every: steps per loss-logging window.
@@ -169,18 +241,48 @@ def train_diffusion(
     ac = ac.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if ema_decay else None
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     start = 0
+    window: list[float] = []
     report = TrainReport()
     ckpt = Path(checkpoint) if checkpoint is not None else None
+    # ``steps`` is left out on purpose: a larger ``steps`` continues a finished run (the cosine
+    # decay is then stretched over the new total, so only an unchanged ``steps`` reproduces an
+    # uninterrupted run bit for bit).
+    identity = (
+        None
+        if ckpt is None
+        else _train_identity(
+            model,
+            images,
+            ac,
+            {
+                "batch_size": int(batch_size),
+                "lr": float(lr),
+                "warmup": int(warmup),
+                "ema_decay": float(ema_decay),
+                "seed": int(seed),
+            },
+        )
+    )
     if ckpt is not None and resume and ckpt.exists():
         groups, old = load_checkpoint(ckpt)
+        _check_identity(ckpt, old.get("identity"), identity)
+        if "rng" not in groups or "train" not in groups["rng"]:
+            raise ValueError(f"checkpoint {str(ckpt)!r} lacks the training RNG state")
+        start = int(old["step"])
+        if start > steps:
+            raise ValueError(
+                f"checkpoint {str(ckpt)!r} is already at step {start} > steps={steps}; "
+                "pass a larger steps or resume=False"
+            )
         model.load_state_dict(groups["model"])
-        if ema is not None and "ema" in groups:
+        if ema is not None:
             ema = {k: v.to(device) for k, v in groups["ema"].items()}
-        if "opt" in groups:
-            _load_opt_state(opt, groups["opt"])
-        start = int(old.get("step", 0))
+        _load_opt_state(opt, groups.get("opt", {}))
+        gen.set_state(groups["rng"]["train"])
         report.losses = [tuple(x) for x in old.get("losses", [])]
+        window = [float(v) for v in old.get("loss_window", [])]
 
     def lr_at(step: int) -> float:
         if step < warmup:
@@ -191,16 +293,23 @@ def train_diffusion(
     def write(step: int) -> None:
         if ckpt is None:
             return
-        extra = {"opt": _opt_state_tensors(opt)}
+        # The generator state (uint8) travels in the same file as the weights, so a resumed
+        # run draws exactly the batches, timesteps and noise an uninterrupted run would.
+        extra = {"opt": _opt_state_tensors(opt), "rng": {"train": gen.get_state()}}
         if ema is not None:
             extra["ema"] = ema
-        info = dict(meta or {}, step=step, total_steps=steps, losses=report.losses)
+        info = dict(
+            meta or {},
+            step=step,
+            total_steps=steps,
+            losses=report.losses,
+            loss_window=window,
+            identity=identity,
+        )
         save_checkpoint(ckpt, model, info, **extra)
 
-    gen = torch.Generator(device="cpu").manual_seed(seed + start)
     model.train()
     t0 = time.perf_counter()
-    window = []
     bar = tqdm(
         range(start, steps), disable=not progress, desc="train ε-model", initial=start, total=steps
     )
@@ -235,7 +344,8 @@ def train_diffusion(
     report.steps = steps
     report.seconds = time.perf_counter() - t0
     report.images_per_second = (steps - start) * batch_size / max(report.seconds, 1e-9)
-    write(steps)
+    if start < steps or ckpt is None or not ckpt.exists():
+        write(steps)
     if ema is not None:
         model.load_state_dict(ema)
     model.eval()
