@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cpsample_fast.eval import nearest_neighbours, replication, save_pairs_grid
 from cpsample_fast.eval.replication import _faiss_available
@@ -23,6 +24,44 @@ def test_chunked_search_matches_brute_force(metric):
     print(metric, "max error vs brute force:", err)
     assert err < 1e-5
     assert torch.equal(i, wi)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_search_memory_stays_chunked(metric):
+    """No temporary may grow like N × k × D (the old exact ℓ2 recompute did)."""
+    torch.manual_seed(0)
+    n, m, d, k = 201, 31, 16, 5  # odd query count: the last chunk is short
+    q, keys = torch.randn(n, d), torch.randn(m, d)
+    with _LargestTensor() as mode:
+        v, i = nearest_neighbours(q, keys, k, metric=metric, chunk_size=8, backend="torch")
+    bound = max(n * d, m * d)  # the inputs themselves
+    print(metric, "largest temporary:", mode.largest, "elements; inputs:", bound)
+    assert mode.largest <= bound < n * k * d
+    if metric == "l2":
+        wv, wi = torch.cdist(q.double(), keys.double()).topk(k, dim=1, largest=False)
+    else:
+        full = (
+            torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(keys, dim=1).T
+        )
+        wv, wi = full.double().topk(k, dim=1)
+    err = (v.double() - wv).abs().max().item()
+    print(metric, "max error vs brute force:", err)
+    assert err < 1e-5 and torch.equal(i, wi)
 
 
 @pytest.mark.skipif(not _faiss_available(), reason="faiss not installed")

@@ -127,7 +127,8 @@ def nearest_neighbours(
         keys: ``[M, D]`` features.
         k: neighbours per query (clipped to M).
         metric: ``"cosine"`` (largest similarity first) or ``"l2"`` (smallest distance first).
-        chunk_size: rows of queries and of keys per block (memory ``chunk_size²`` floats).
+        chunk_size: rows of queries and of keys per block (temporaries of ``chunk_size²`` and
+            ``chunk_size × D`` floats; nothing grows with N or M beyond the inputs and outputs).
         backend: ``"torch"``, ``"faiss"`` or ``"auto"`` (faiss when installed and
             ``M × D > FAISS_THRESHOLD``).
 
@@ -175,14 +176,15 @@ def nearest_neighbours(
                 v, j = torch.cat([best_v, v], 1).topk(k, dim=1)
                 i = torch.cat([best_i, i], 1).gather(1, j)
             best_v, best_i = v, i
+        if metric == "l2":
+            # Recompute exact distances of the selected pairs (the expansion above loses
+            # digits), one neighbour rank at a time: [n, D] temporaries, never [N, k, D].
+            best_v = torch.stack(
+                [(qc - kf[best_i[:, j]]).norm(dim=1) for j in range(best_i.shape[1])], dim=1
+            )
         vals.append(best_v)
         idxs.append(best_i)
-    v = torch.cat(vals)
-    i = torch.cat(idxs)
-    if metric == "l2":
-        # Recompute exact distances of the selected pairs (the expansion above loses digits).
-        v = (queries.float()[:, None] - keys.float()[i]).norm(dim=2)
-    return v, i
+    return torch.cat(vals), torch.cat(idxs)
 
 
 def _faiss_search(q: torch.Tensor, keys: torch.Tensor, k: int, metric: str):
