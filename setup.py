@@ -68,6 +68,13 @@ def _cuda_decision(torch_cuda: str | None, nvcc: str | None) -> tuple[bool, str]
     return True, f"torch CUDA {torch_cuda}, nvcc {nvcc}"
 
 
+def _torch_arch(arch: str) -> str:
+    """CMake's CUDA arch ("90", "90a", "100a") in TORCH_CUDA_ARCH_LIST form ("9.0", "9.0a")."""
+    suffix = arch[-1] if arch[-1].isalpha() else ""
+    digits = arch[: len(arch) - len(suffix)]
+    return f"{digits[:-1]}.{digits[-1]}{suffix}"
+
+
 class CMakeBuild(build_ext):
     """Configures and builds CMakeLists.txt with Ninja into the extension's output folder."""
 
@@ -123,7 +130,7 @@ class CMakeBuild(build_ext):
             args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCPSAMPLE_CUDA_ARCHS={archs}"]
             # torch's CMake config computes its own arch flags (we discard them); keep it from
             # probing or listing architectures this toolkit may not know.
-            arch_list = ";".join(f"{a[:-1]}.{a[-1]}" for a in archs.split(";") if a[:2].isdigit())
+            arch_list = ";".join(_torch_arch(a) for a in archs.split(";") if a[:2].isdigit())
             env.setdefault("TORCH_CUDA_ARCH_LIST", arch_list)
         ninja = shutil.which("ninja")
         if ninja is None:

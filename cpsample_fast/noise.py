@@ -131,7 +131,9 @@ def philox4x32(
     c0, c1, c2, c3 = (
         _as_word(w).to(device)
         if isinstance(w, torch.Tensor)
-        else torch.tensor(w & _MASK32, dtype=torch.int64, device=device)
+        # a fill, not torch.tensor: no host-to-device copy (a sync, and illegal while a CUDA
+        # graph is being captured)
+        else torch.full((), w & _MASK32, dtype=torch.int64, device=device)
         for w in words
     )
     if isinstance(seed, torch.Tensor):

@@ -36,6 +36,7 @@ Design of ``_guided_update_kernel`` (docs/CONTRACTS.md "The fused update"):
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -105,7 +106,9 @@ if triton is not None:
     ):
         pid_block = tl.program_id(0)
         b = tl.program_id(1) + first_sample
-        j = pid_block * BLOCK + tl.arange(0, BLOCK)  # element index inside the sample
+        # element index inside the sample, int64: BLOCK·pid in int32 would wrap for samples of
+        # 2**31+ elements, which the Philox counter (2**32) otherwise allows
+        j = pid_block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = j < n_per_sample
         offs = b.to(tl.int64) * n_per_sample + j
         sa = tl.load(coefs_ptr + 0)
@@ -139,7 +142,7 @@ if triton is not None:
             seed = tl.load(rng_ptr + 0)
             step = tl.load(rng_ptr + 1)
             sample = tl.load(rng_ptr + 2) + b
-            c0 = j.to(tl.uint32, bitcast=True)
+            c0 = j.to(tl.uint32)  # low 32 bits (j < 2**32 is checked by the op)
             zero = c0 * 0
             c1 = zero + sample.to(tl.uint32)  # truncation = low 32 bits, as noise.philox4x32
             c2 = zero + step.to(tl.uint32)
@@ -184,26 +187,41 @@ def guided_update(
     else:
         noise_mode = NOISE_NONE
     block, num_warps = _block_size(n)
-    for first in range(0, batch, MAX_GRID_Y):  # one launch unless batch > 65535
-        grid = (triton.cdiv(n, block), min(batch - first, MAX_GRID_Y))
-        _guided_update_kernel[grid](
-            x,
-            model_out,
-            guidance if guidance is not None else x,  # never read without HAS_GUIDANCE
-            noise if noise is not None else x,  # never read unless NOISE_MODE == 1
-            coefs,
-            rng,
-            out,
-            n,
-            first,
-            PREDICTION_TYPE=prediction_type,
-            CLIP_SAMPLE=bool(clip_sample),
-            HAS_GUIDANCE=guidance is not None,
-            NOISE_MODE=noise_mode,
-            BLOCK=block,
-            num_warps=num_warps,
-        )
+    with _on_device(x):
+        for first in range(0, batch, MAX_GRID_Y):  # one launch unless batch > 65535
+            _launch_update(x, model_out, guidance, noise, coefs, rng, out, n, first, block,
+                           num_warps, prediction_type, clip_sample, noise_mode)  # fmt: skip
     return out
+
+
+def _on_device(t: torch.Tensor):
+    """Make ``t``'s GPU current: Triton launches on the current device and its stream."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _launch_update(x, model_out, guidance, noise, coefs, rng, out, n, first, block, num_warps,
+                   prediction_type, clip_sample, noise_mode):  # fmt: skip
+    grid = (triton.cdiv(n, block), min(x.shape[0] - first, MAX_GRID_Y))
+    _guided_update_kernel[grid](
+        x,
+        model_out,
+        guidance if guidance is not None else x,  # never read without HAS_GUIDANCE
+        noise if noise is not None else x,  # never read unless NOISE_MODE == 1
+        coefs,
+        rng,
+        out,
+        n,
+        first,
+        PREDICTION_TYPE=prediction_type,
+        CLIP_SAMPLE=bool(clip_sample),
+        HAS_GUIDANCE=guidance is not None,
+        NOISE_MODE=noise_mode,
+        BLOCK=block,
+        num_warps=num_warps,
+        # no FMA contraction: round like torch eager and the C++/CUDA kernels (built with
+        # -ffp-contract=off / --fmad=false), so every backend gives the same bits
+        enable_fp_fusion=False,
+    )
 
 
 if triton is not None:
@@ -263,7 +281,8 @@ def guidance_seed(
         return c, q, m
     block = min(max(triton.next_power_of_2(batch), 16), 1024)
     logits = logits.contiguous()  # a no-op for the usual [B] logits; a column view is copied
-    _guidance_seed_kernel[(triton.cdiv(batch, block),)](
-        logits, scale_t, c, q, m, batch, float(alpha), MODE=mode, BLOCK=block
-    )
+    with _on_device(logits):
+        _guidance_seed_kernel[(triton.cdiv(batch, block),)](
+            logits, scale_t, c, q, m, batch, float(alpha), MODE=mode, BLOCK=block
+        )
     return c, q, m

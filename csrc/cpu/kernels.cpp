@@ -33,7 +33,10 @@ void update_chunk(const GuidedUpdateArgs& a, const StepCoefs& c, uint64_t seed, 
   const float* __restrict__ o = a.model_out + base;
   const float* __restrict__ g = HAS_G ? a.guidance + base : nullptr;
   float* __restrict__ out = a.out + base;
+  // z[j - z_first] is the noise of element j: the explicit tensor is indexed from the sample's
+  // start, the drawn buffer from the chunk's (no pointer is formed outside either array).
   const float* __restrict__ z = nullptr;
+  int64_t z_first = 0;
   float z_buf[kChunk];
   if (NOISE == kExplicitNoise) {
     z = a.noise + base;
@@ -51,12 +54,13 @@ void update_chunk(const GuidedUpdateArgs& a, const StepCoefs& c, uint64_t seed, 
     for (int64_t j = 0; j < j1 - j0; ++j) {
       z_buf[j] = box_muller(z_buf[j], u2_buf[j]);
     }
-    z = z_buf - j0;
+    z = z_buf;
+    z_first = j0;
   }
 #pragma omp simd
   for (int64_t j = j0; j < j1; ++j) {
     const float gj = HAS_G ? g[j] : 0.0f;
-    const float zj = NOISE == kNoNoise ? 0.0f : z[j];
+    const float zj = NOISE == kNoNoise ? 0.0f : z[j - z_first];
     out[j] = guided_update_element<P, CLIP>(x[j], o[j], gj, zj, c);
   }
 }
