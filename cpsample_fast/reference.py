@@ -155,7 +155,9 @@ def reference_sample(
                 f = check_protector_output(prot_call(x_in, t_batch), B, k, t).to(dtype)
                 _check_finite(f, "protector", k, t)
                 r = torch.sigmoid(f)
-                m = torch.minimum(r, 1 - r) < alpha
+                # min(r, 1 - r) < α, with min(r, 1 - r) = sigmoid(-|f|) computed directly:
+                # 1 - r cancels near r ≈ 1 (~6e-5 relative error at α = 1e-3)
+                m = torch.sigmoid(-f.abs()) < alpha
                 if return_trace:
                     trace.logits[k] = f.detach().float()
                     trace.confidence[k] = torch.maximum(r, 1 - r).detach().float()

@@ -10,6 +10,8 @@ per source) and checked once after the loop. With ``compile=True`` the whole ste
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from . import noise as _noise
@@ -29,6 +31,24 @@ from .validation import (
 _PREDICTION_IDS = {"epsilon": 0, "v_prediction": 1, "sample": 2}
 # Sources whose first non-finite step is recorded on the device, in this order.
 _BAD_SOURCES = ("eps_model", "protector", "the update")
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What one ``sample()`` call resolved: static for the compiled step."""
+
+    backend: str
+    seed_backend: str
+    side_stream: object = None
+
+
+def _as_int64(value, name: str, lo: int = -(2**63)) -> int:
+    """A Python int as the signed int64 the device tables hold (seeds in [2**63, 2**64) wrap
+    to the same 64 bits, which is what the Philox key reads)."""
+    value = int(value)
+    if value < lo or value >= 2**64:
+        raise ValueError(f"{name} must be in [{lo}, 2**64), got {value}")
+    return value - 2**64 if value >= 2**63 else value
 
 
 class CPSampler:
@@ -151,11 +171,13 @@ class CPSampler:
         self.compile_options = dict(compile_options or {})
 
     # ------------------------------------------------------------------ the step
-    def _step(self, x, k, tables, rng_base, z, guided: bool, draw_noise: bool):
+    def _step(self, x, k, tables, rng_base, z, guided: bool, draw_noise: bool, run: _Run):
         """One protected step (SPEC §3 steps 1–7) with no host synchronisation.
 
         ``x`` ``[B, C, H, W]`` float32; ``k`` 0-dim int64 step index on x's device; ``z``
-        explicit noise ``[B, C, H, W]`` or None; ``guided``/``draw_noise`` are static.
+        explicit noise ``[B, C, H, W]`` or None; ``guided``/``draw_noise`` are static; ``run``
+        holds this call's resolved backend and side stream (per call, not on ``self``, so one
+        sampler can serve several threads or devices).
         Returns ``(x_next, logits, confidence, gate, finite_flags [3])``.
         """
         B = x.shape[0]
@@ -164,13 +186,13 @@ class CPSampler:
         k1 = k.reshape(1)
         coefs = tables["coefs"].index_select(0, k1)[0]  # [6]
         t = tables["timesteps"].index_select(0, k1).expand(B)  # [B] int64
-        if self._side_stream is not None:
+        if run.side_stream is not None:
             # The protector's forward + VJP and the eps-model are independent given x_t: overlap
             # them (eager CUDA only; the side stream waits for x and the main stream for it).
-            side = self._side_stream
+            side = run.side_stream
             side.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(side):
-                f, q, m, g, finite_f = self._guidance(x, t, k1, tables, guided)
+                f, q, m, g, finite_f = self._guidance(x, t, k1, tables, guided, run)
             out = self._eps_out(x, t)
             torch.cuda.current_stream(x.device).wait_stream(side)
             for tensor in (f, q, m, g, finite_f):
@@ -178,7 +200,7 @@ class CPSampler:
                     tensor.record_stream(torch.cuda.current_stream(x.device))
         else:
             out = self._eps_out(x, t)
-            f, q, m, g, finite_f = self._guidance(x, t, k1, tables, guided)
+            f, q, m, g, finite_f = self._guidance(x, t, k1, tables, guided, run)
         rng = torch.stack([rng_base[0], k, rng_base[1]])
         x_next = ops.guided_update(
             x,
@@ -190,7 +212,7 @@ class CPSampler:
             prediction_type=self._prediction,
             clip_sample=bool(self.schedule.clip_sample),
             draw_noise=draw_noise,
-            backend=self._backend,
+            backend=run.backend,
         )
         finite = torch.stack([torch.isfinite(out).all(), finite_f, torch.isfinite(x_next).all()])
         return x_next, f, q, m, finite
@@ -199,11 +221,13 @@ class CPSampler:
         """SPEC §3 step 1: the eps-model's raw output, float32 and row-major for the update."""
         return check_model_output(self._eps(x, t), x, None, None).float().contiguous()
 
-    def _guidance(self, x, t, k1, tables, guided: bool):
+    def _guidance(self, x, t, k1, tables, guided: bool, run: _Run):
         """SPEC §3 steps 2–5: logits, confidence, gate and the scaled guidance term G.
 
-        One ``torch.func.vjp`` of the logits (input gradient only; the weights are closed over
-        and get no gradient) seeded with ``c_b`` from the ``cpsample::guidance_seed`` op.
+        One vector-Jacobian product of the logits (input gradient only; the weights get none),
+        seeded with ``m·w(f)·sign(f)`` from the ``cpsample::guidance_seed`` op, then scaled by
+        ``s·√(1-ᾱ_t)`` in float32: seeding with the scaled ``c_b`` would push values ~1e3 times
+        larger through a low-precision protector's backward (fp16 overflows to inf).
         """
         if not guided:
             return None, None, None, None, torch.ones((), dtype=torch.bool, device=x.device)
@@ -213,10 +237,11 @@ class CPSampler:
             return check_protector_output(self._prot(x_in, t), B, None, None).float()
 
         scale_t = tables["scale"].index_select(0, k1).reshape(())
+        one = tables["one"]
         if torch.compiler.is_compiling():
             # torch.func.vjp traces into one fullgraph (autograd.grad would break the graph)
             f, vjp_fn = torch.func.vjp(logits_of, x)
-            c, q, m = ops.guidance_seed(f, scale_t, self.alpha, self._mode_id, backend="auto")
+            c, q, m = ops.guidance_seed(f, one, self.alpha, self._mode_id, backend=run.seed_backend)
             (g,) = vjp_fn(c)
         else:
             # eager: plain autograd is ~10-15% faster than functorch's vjp for the protector's
@@ -225,11 +250,12 @@ class CPSampler:
                 x_in = x.detach().requires_grad_(True)
                 f = logits_of(x_in)
                 c, q, m = ops.guidance_seed(
-                    f.detach(), scale_t, self.alpha, self._mode_id, backend="auto"
+                    f.detach(), one, self.alpha, self._mode_id, backend=run.seed_backend
                 )
                 (g,) = torch.autograd.grad(f, x_in, grad_outputs=c)
             f = f.detach()
-        return f, q, m, g.contiguous(), torch.isfinite(f).all()
+        g = g.float() * scale_t  # contiguous float32 (the product allocates it so)
+        return f, q, m, g, torch.isfinite(f).all()
 
     # ------------------------------------------------------------------ helpers
     def _device_tables(self, device) -> dict:
@@ -240,6 +266,7 @@ class CPSampler:
                 "scale": self._scale_table.to(device),
                 "timesteps": self.timesteps.to(device),
                 "steps": torch.arange(self.num_inference_steps, device=device),
+                "one": torch.ones((), dtype=torch.float32, device=device),
             }
         return self._tables[key]
 
@@ -251,8 +278,9 @@ class CPSampler:
             mode = self.compile if isinstance(self.compile, str) else None
             options = self.compile_options if self.compile_backend == "inductor" else None
             if options and mode:
-                mode = None  # torch.compile takes either a mode or options
-                options = {**options, "triton.cudagraphs": self.compile == "reduce-overhead"}
+                # torch.compile takes a mode or options: merge the mode's own options in
+                options = {**torch._inductor.list_mode_options(mode), **options}
+                mode = None
             self._compiled[key] = torch.compile(
                 self._step,
                 fullgraph=True,
@@ -297,9 +325,14 @@ class CPSampler:
         n = self.num_inference_steps
         check_noise_args(shape, n, noise, step_noise)
         device = torch.device(device) if device is not None else self._default_device(noise)
-        self._backend = ops.resolve_backend(self.backend, device)
-        self._side_stream = (
-            torch.cuda.Stream(device) if self.streams and device.type == "cuda" else None
+        backend = ops.resolve_backend(self.backend, device)
+        run = _Run(
+            backend=backend,
+            # the seed op has torch and Triton kernels; the C++/CUDA builds have none
+            seed_backend=backend if backend in ("torch", "triton") else "auto",
+            side_stream=torch.cuda.Stream(device)
+            if self.streams and device.type == "cuda"
+            else None,
         )
         tables = self._device_tables(device)
         if noise is not None:
@@ -310,10 +343,15 @@ class CPSampler:
             step_noise = step_noise.to(device=device, dtype=torch.float32)
 
         B = shape[0]
-        rng_base = torch.tensor([int(seed), int(sample_offset)], dtype=torch.int64, device=device)
+        rng_base = torch.tensor(
+            [_as_int64(seed, "seed"), _as_int64(sample_offset, "sample_offset", lo=0)],
+            dtype=torch.int64,
+            device=device,
+        )
         draw = self.eta > 0 and step_noise is None
         trace = SamplingTrace.empty(self.timesteps, B, device) if return_trace else None
         first_bad = torch.full((3,), n, dtype=torch.int64, device=device)
+        graphs = self.uses_cuda_graphs and device.type == "cuda"
         steps = range(n)
         if progress:
             from tqdm.auto import tqdm
@@ -323,13 +361,13 @@ class CPSampler:
             k_t = tables["steps"][k]
             z = step_noise[k].contiguous() if (step_noise is not None and self.eta > 0) else None
             guided = self._guided_steps[k]
-            if self.compile == "reduce-overhead":
+            if graphs:
                 # CUDA graphs: a new iteration; the previous replay's outputs may be reused
                 torch.compiler.cudagraph_mark_step_begin()
             x, f, q, m, finite = self._step_fn(guided, draw)(
-                x, k_t, tables, rng_base, z, guided, draw
+                x, k_t, tables, rng_base, z, guided, draw, run
             )
-            if self.compile == "reduce-overhead":
+            if graphs:
                 x = x.clone()  # own x before the next replay reuses the graph's output pool
             first_bad = torch.where(~finite & (first_bad == n), k_t, first_bad)
             if trace is not None and guided:
@@ -340,6 +378,16 @@ class CPSampler:
                 callback(k, int(self.timesteps[k]), x)
         self._raise_if_bad(first_bad)  # the loop's only host synchronisation
         return (x, trace) if return_trace else x
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether the compiled step replays CUDA graphs (its outputs live in a graph pool)."""
+        if not self.compile or self.compile_backend != "inductor":
+            return False
+        mode = self.compile if isinstance(self.compile, str) else None
+        options = {**(torch._inductor.list_mode_options(mode) if mode else {}),
+                   **self.compile_options}  # fmt: skip
+        return bool(options.get("triton.cudagraphs", False))
 
     def _default_device(self, noise):
         if noise is not None:

@@ -121,6 +121,50 @@ def test_progress_bar_and_callback(capsys):
     assert torch.equal(out, sampler.sample(SHAPE, noise=x_T))
 
 
+def test_fp16_protector_at_paper_scale_stays_finite():
+    """The VJP is seeded with m·w·sign(f) (≤ 1) and scaled afterwards in float32: seeding with
+    s·√(1-ᾱ)·... pushed ~1e3-times larger values through the fp16 backward, which overflowed."""
+    unet, prot = _models()
+    x_T, _ = _noise()
+    schedule = NoiseSchedule(timestep_spacing="trailing")
+    kw = dict(num_inference_steps=4, scale=1000.0, alpha=0.5, mode="attract")
+    ref = reference_sample(unet, prot.half(), schedule, SHAPE, noise=x_T, **kw)
+    fast = CPSampler(unet, prot.half(), schedule, **kw).sample(SHAPE, noise=x_T)
+    assert torch.isfinite(fast).all()
+    print("fp16 protector rel err", _rel(fast, ref))
+    assert _rel(fast, ref) < 1e-2  # fp16 backward rounding differs (scaled before vs after)
+
+
+def test_seed_range_and_offset_checks():
+    unet, _ = _models()
+    sampler = CPSampler(unet, None, NoiseSchedule(), num_inference_steps=2, eta=1.0)
+    big = sampler.sample(SHAPE, seed=2**64 - 1)  # the noise functions take [0, 2**64)
+    ref = reference_sample(unet, None, NoiseSchedule(), SHAPE, num_inference_steps=2, eta=1.0,
+                           seed=2**64 - 1)  # fmt: skip
+    assert _rel(big, ref) < 1e-5
+    with pytest.raises(ValueError, match="sample_offset"):
+        sampler.sample(SHAPE, noise=torch.zeros(SHAPE), sample_offset=-1)
+    with pytest.raises(ValueError, match="seed"):
+        sampler.sample(SHAPE, seed=2**64)
+
+
+def test_cuda_graph_modes_are_recognised():
+    unet, _ = _models()
+    s = NoiseSchedule()
+    for compile, options, expect in [
+        (False, None, False),
+        (True, None, False),
+        ("reduce-overhead", None, True),
+        ("max-autotune", None, True),
+        ("max-autotune-no-cudagraphs", None, False),
+        (True, {"triton.cudagraphs": True}, True),
+        ("reduce-overhead", {"freezing": True}, True),
+    ]:
+        sampler = CPSampler(unet, None, s, num_inference_steps=2, compile=compile,
+                            compile_options=options)  # fmt: skip
+        assert sampler.uses_cuda_graphs is expect, (compile, options)
+
+
 def test_guidance_range_skips_the_protector_outside_it():
     unet, prot = _models()
     schedule = NoiseSchedule()
