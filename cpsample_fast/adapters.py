@@ -22,13 +22,18 @@ def model_dtype(model) -> torch.dtype | None:
 
 
 def model_memory_format(model) -> torch.memory_format:
-    """``channels_last`` when the model's first 4-D parameter is stored that way."""
+    """``channels_last`` when the model's 4-D weights are stored that way.
+
+    Weights with a size-1 dimension (a 1-channel input conv, a 1×1 conv) are contiguous in both
+    formats and say nothing; the first 4-D weight that is unambiguous decides.
+    """
     if isinstance(model, nn.Module):
         for p in model.parameters():
-            if p.dim() == 4:
-                if p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous():
-                    return torch.channels_last
-                return torch.contiguous_format
+            if p.dim() != 4:
+                continue
+            cl = p.is_contiguous(memory_format=torch.channels_last)
+            if cl != p.is_contiguous():
+                return torch.channels_last if cl else torch.contiguous_format
     return torch.contiguous_format
 
 

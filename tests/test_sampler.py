@@ -281,3 +281,13 @@ def test_bad_input_errors():
         CPSampler(
             unet, lambda x, t: x.flatten(1), s, num_inference_steps=2, scale=1.0, alpha=0.1
         ).sample(SHAPE)
+
+
+def test_channels_last_detected_past_ambiguous_first_weight():
+    """A 1-channel model's first conv weight [C, 1, 3, 3] is contiguous in both formats; the
+    layout must be read from the next weights."""
+    from cpsample_fast.adapters import model_memory_format
+
+    unet, _ = _models()
+    assert model_memory_format(unet) is torch.contiguous_format
+    assert model_memory_format(unet.to(memory_format=torch.channels_last)) is torch.channels_last
