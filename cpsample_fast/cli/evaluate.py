@@ -3,6 +3,10 @@
 Samples and image sets are ``.npz`` files (key ``samples`` by default, else the loader's
 default), image folders, or ``digits-members`` / ``digits-eval`` (the demo's fixed digit split).
 Writes ``evaluation.json`` and PNGs (nearest pairs, ROC) into ``--out``.
+
+Options that only make sense together with another one are refused (exit 2) when given
+without it, rather than silently ignored: the membership-attack options need ``--model``, the
+ε̂ options need ``--protector``, the quality options need ``--reference``.
 """
 
 from __future__ import annotations
@@ -15,12 +19,43 @@ from pathlib import Path
 
 HELP = "evaluate samples: replication vs a training set, Fréchet distance/KID, membership attack"
 
+# Defaults of the options below that are ``None`` on the parser, so that "given" can be told from
+# "left at its default" (an option given without the one it needs is an error).
+DEFAULT_QUALITY_FEATURES = "auto"
+DEFAULT_SCALE = 1000.0
+DEFAULT_ALPHA = 0.001
+DEFAULT_MODE = "repel"
+DEFAULT_TIMESTEPS = (50, 100, 200)
+
+# option -> (attribute, the option it needs)
+_NEEDS = {
+    "--nonmembers": ("nonmembers", "--model"),
+    "--protector": ("protector", "--model"),
+    "--timesteps": ("timesteps", "--model"),
+    "--scale": ("scale", "--protector"),
+    "--alpha": ("alpha", "--protector"),
+    "--mode": ("mode", "--protector"),
+    "--quality-features": ("quality_features", "--reference"),
+    "--inception-weights": ("inception_weights", "--reference"),
+}
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", required=True, help=".npz (key 'samples') or image folder")
     p.add_argument("--samples-key", default="samples", help="array name in the samples .npz")
     p.add_argument(
         "--train", required=True, help="training set: .npz, image folder, or 'digits-members'"
+    )
+    p.add_argument(
+        "--grayscale",
+        action="store_true",
+        help="folder images as 1 channel (every image folder given; as for train-protector)",
+    )
+    p.add_argument(
+        "--normalize",
+        action="store_true",
+        help="rescale min/max onto [-1, 1] the real-image sets (--train, --reference, "
+        "--nonmembers), as train-protector --normalize does; samples are left as they are",
     )
     p.add_argument(
         "--reference",
@@ -36,35 +71,74 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--quality-features",
-        default="auto",
+        default=None,
         choices=["auto", "inception", "trained", "pixels"],
-        help="feature space of the Fréchet distance (auto: inception when "
-        "--inception-weights is given, else a network trained on --reference)",
+        help="feature space of the Fréchet distance (needs --reference; default auto: inception "
+        "when --inception-weights is given, else a network trained on --reference)",
     )
-    p.add_argument("--inception-weights", help="local torch-fidelity Inception-v3 weights file")
+    p.add_argument(
+        "--inception-weights",
+        help="local torch-fidelity Inception-v3 weights file (needs --reference)",
+    )
     p.add_argument(
         "--model",
         help="eps-model for the membership attack ('digits', a "
         ".safetensors UNet checkpoint or a diffusers folder)",
     )
-    p.add_argument("--nonmembers", help="non-member images for the membership attack")
-    p.add_argument("--protector", help="protector checkpoint: also attack through CPSample's ε̂")
-    p.add_argument("--scale", type=float, default=1000.0, help="guidance scale s for ε̂")
-    p.add_argument("--alpha", type=float, default=0.001, help="gate threshold α for ε̂")
-    p.add_argument("--mode", default="repel", choices=["repel", "attract", "entropy"])
+    p.add_argument(
+        "--nonmembers", help="non-member images for the membership attack (needs --model)"
+    )
+    p.add_argument(
+        "--protector",
+        help="protector checkpoint trained on --train: also attack through CPSample's ε̂ "
+        "(needs --model)",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help=f"guidance scale s for ε̂ (needs --protector; default {DEFAULT_SCALE:g})",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help=f"gate threshold α for ε̂ (needs --protector; default {DEFAULT_ALPHA:g})",
+    )
+    p.add_argument(
+        "--mode",
+        default=None,
+        choices=["repel", "attract", "entropy"],
+        help=f"guidance mode for ε̂ (needs --protector; default {DEFAULT_MODE})",
+    )
     p.add_argument(
         "--timesteps",
         type=int,
         nargs="+",
-        default=[50, 100, 200],
-        help="attack timesteps (training schedule)",
+        default=None,
+        help="attack timesteps, training schedule (needs --model; default "
+        + " ".join(map(str, DEFAULT_TIMESTEPS))
+        + ")",
     )
     p.add_argument("--out", default="evaluation", help="output folder")
 
 
-def load_images(spec: str, key: str | None = None):
-    """An image set ``[N, C, H, W]`` in [-1, 1] from a CLI argument (see module doc)."""
-    from ..data import load_image_folder, load_npz
+def load_images(
+    spec: str, key: str | None = None, *, normalize: bool = False, grayscale: bool = False
+):
+    """An image set ``[N, C, H, W]`` in [-1, 1] from a CLI argument (see module doc).
+
+    Args:
+        spec: ``.npz``/``.npy`` file, image folder, ``digits-members`` or ``digits-eval``.
+        key: array name in an ``.npz`` (falls back to the loader's default when absent).
+        normalize: rescale min/max onto [-1, 1] (``cpsample_fast.data.normalize_images``), as
+            ``train-protector --normalize`` does; the digits splits are already in range.
+        grayscale: read folder images as 1 channel (PIL mode ``L``).
+
+    Returns:
+        float32 ``[N, C, H, W]``.
+    """
+    from ..data import load_image_folder, load_npz, normalize_images
 
     if spec in ("digits-members", "digits-eval"):
         from ..models import digits_split
@@ -73,7 +147,8 @@ def load_images(spec: str, key: str | None = None):
         return split.members if spec == "digits-members" else split.evaluation
     path = Path(spec)
     if path.is_dir():
-        return load_image_folder(path)
+        images = load_image_folder(path, mode="L" if grayscale else "RGB")
+        return normalize_images(images) if normalize else images
     if path.suffix in (".npz", ".npy"):
         if key is not None and path.suffix == ".npz":
             import numpy as np
@@ -81,8 +156,35 @@ def load_images(spec: str, key: str | None = None):
             with np.load(path, allow_pickle=False) as data:
                 if key not in data:
                     key = None
-        return load_npz(path, key)
+        return load_npz(path, key, normalize=normalize)
     raise ValueError(f"{spec!r} is neither an .npz file, an image folder nor a digits split")
+
+
+def check_option_dependencies(args) -> None:
+    """Refuse options given without the option they need (they would be silently ignored).
+
+    Raises:
+        ValueError: naming every such option and what it needs.
+    """
+    missing: dict[str, list[str]] = {}
+    for option, (attr, needs) in _NEEDS.items():
+        if getattr(args, attr, None) is not None:
+            if not getattr(args, needs.lstrip("-").replace("-", "_"), None):
+                missing.setdefault(needs, []).append(option)
+    if args.model and not args.nonmembers:
+        raise ValueError("--model needs --nonmembers for the membership attack")
+    if missing:
+        what = {
+            "--model": "the membership attack",
+            "--protector": "the attack through ε̂",
+            "--reference": "the quality metrics",
+        }
+        parts = [
+            f"{', '.join(opts)} only {'apply' if len(opts) > 1 else 'applies'} to "
+            f"{what[needs]} and {'need' if len(opts) > 1 else 'needs'} {needs}"
+            for needs, opts in missing.items()
+        ]
+        raise ValueError("; ".join(parts))
 
 
 def main(args) -> int:
@@ -94,46 +196,58 @@ def main(args) -> int:
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     try:
-        samples = load_images(args.samples, args.samples_key)
-        train = load_images(args.train)
+        check_option_dependencies(args)  # before anything is created or loaded
+        out.mkdir(parents=True, exist_ok=True)
+        real = {"normalize": args.normalize, "grayscale": args.grayscale}
+        samples = load_images(args.samples, args.samples_key, grayscale=args.grayscale)
+        train = load_images(args.train, **real)
         report: dict = {"samples": args.samples, "train": args.train}
         rep = replication(samples, train, thresholds=args.thresholds)
         save_pairs_grid(samples, train, rep, out / "nearest_pairs.png")
         report["replication"] = rep.to_dict()
         if args.reference:
-            ref = load_images(args.reference)
+            ref = load_images(args.reference, **real)
             q = quality(
                 samples,
                 ref,
-                features=args.quality_features,
+                features=args.quality_features or DEFAULT_QUALITY_FEATURES,
                 inception_weights=args.inception_weights,
             )
             report["quality"] = q.to_dict()
         if args.model:
-            if not args.nonmembers:
-                raise ValueError("--model needs --nonmembers for the membership attack")
             from .sample import load_eps_model
 
-            model, schedule = load_eps_model(args.model, torch.device("cpu"))
-            non = load_images(args.nonmembers)
-            results = [membership_inference(model, train, non, schedule, timesteps=args.timesteps)]
+            timesteps = list(args.timesteps or DEFAULT_TIMESTEPS)
+            prot = None
             if args.protector:
-                from ..protector import load_protector
+                from ..protector import load_protector, verify_protector
 
-                prot, _ = load_protector(args.protector)
+                prot, pmeta = load_protector(args.protector)
+                # Before any model work: ε̂ with a protector of other images is meaningless.
+                try:
+                    verify_protector(pmeta, train)
+                except ValueError as err:
+                    raise ValueError(
+                        f"--protector {args.protector} does not protect --train {args.train} "
+                        f"({err}); load --train exactly as for train-protector (same images, "
+                        "order, --normalize/--grayscale)"
+                    ) from None
+            model, schedule = load_eps_model(args.model, torch.device("cpu"))
+            non = load_images(args.nonmembers, **real)
+            results = [membership_inference(model, train, non, schedule, timesteps=timesteps)]
+            if prot is not None:
                 results.append(
                     membership_inference(
                         model,
                         train,
                         non,
                         schedule,
-                        timesteps=args.timesteps,
+                        timesteps=timesteps,
                         protector=prot,
-                        scale=args.scale,
-                        alpha=args.alpha,
-                        mode=args.mode,
+                        scale=DEFAULT_SCALE if args.scale is None else args.scale,
+                        alpha=DEFAULT_ALPHA if args.alpha is None else args.alpha,
+                        mode=args.mode or DEFAULT_MODE,
                     )
                 )
             save_roc(results, out / "roc.png")
