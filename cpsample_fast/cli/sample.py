@@ -128,10 +128,12 @@ def main(args) -> int:
     plan = batch_plan(args.num_samples, args.batch_size, info)
     todo = [b for b in plan if args.no_resume or not shard_path(out, b[0]).is_file()]
     if info.rank == 0:
+        every = batch_plan(args.num_samples, args.batch_size, RankInfo())  # all ranks' batches
+        done_before = 0 if args.no_resume else sum(shard_path(out, b).is_file() for b, *_ in every)
         print(
             f"cpsample sample: {args.num_samples} samples {shape_chw}, {args.steps} steps, "
             f"{'protected' if protector is not None else 'plain DDIM'}, device {device}, "
-            f"{info.world_size} rank(s); {len(plan) - len(todo)} batch(es) already done"
+            f"{info.world_size} rank(s); {done_before} of {len(every)} batches already done"
         )
     from tqdm import tqdm
 
