@@ -106,6 +106,43 @@ def test_batch_size_does_not_change_scores():
     assert (a - b).abs().max() < 1e-6
 
 
+def test_scores_do_not_depend_on_set_size_or_batch():
+    """Image i's noise is a function of (seed, i, k, r) alone: a prefix scores as in the set."""
+    from cpsample_fast.eval import reconstruction_errors
+    from cpsample_fast.eval.membership import STREAM_MEMBERSHIP
+    from cpsample_fast.noise import philox_normal
+
+    s = NoiseSchedule()
+    torch.manual_seed(0)
+    # 3×3 images: 9 values, not a multiple of torch's 16-wide CPU normal fill, so one
+    # randn over the whole set would give a prefix other noise than a randn over the prefix.
+    imgs = torch.rand(9, 1, 3, 3) * 2 - 1
+    model = EmpiricalDenoiser(imgs[:4], s)
+    kw = dict(timesteps=(10, 400), n_noise=2, seed=5)
+    full = reconstruction_errors(model, imgs, s, batch_size=4, **kw)
+    for n, bs in ((5, 5), (5, 3), (1, 1), (7, 128)):
+        part = reconstruction_errors(model, imgs[:n], s, batch_size=bs, **kw)
+        err = (part - full[:n]).abs().max().item()
+        print(f"first {n} images, batch {bs}: max |subset - full| = {err}")
+        assert err == 0.0
+    # The draws are the documented counter-based ones: recompute image 6's error by hand.
+    i, k, r, t = 6, 1, 1, 400
+    e = philox_normal(5, torch.tensor([i]), k * 2 + r, STREAM_MEMBERSHIP, (1, 3, 3))
+    e0 = philox_normal(5, torch.tensor([i]), k * 2, STREAM_MEMBERSHIP, (1, 3, 3))
+    a = s.alphas_cumprod[t]
+    tt = torch.tensor([t])
+    errs = [
+        (z - model(a.sqrt() * imgs[i : i + 1] + (1 - a).sqrt() * z, tt)).pow(2).mean()
+        for z in (e0, e)
+    ]
+    want = sum(errs).item() / 2
+    print("hand-computed error of image 6 at t=400:", want, "vs", full[i, k].item())
+    assert abs(want - full[i, k].item()) < 1e-6
+    # Different seeds give different noise (members and non-members use seed and seed + 1000003).
+    other = reconstruction_errors(model, imgs, s, batch_size=4, **dict(kw, seed=6))
+    assert (other - full).abs().max() > 1e-4
+
+
 def test_bad_input():
     s = NoiseSchedule()
     model = EmpiricalDenoiser(torch.zeros(2, 1, 4, 4), s)

@@ -26,7 +26,12 @@ import torch
 from torch import nn
 
 from ..guidance import check_alpha, guidance_seed, mode_id
+from ..noise import philox_normal
 from .replication import as_image_batch
+
+# Counter word c3 of the attack's noise: disjoint from the sampler's streams (0: step noise,
+# 1: initial noise, docs/CONTRACTS.md), so attack draws never coincide with sampling draws.
+STREAM_MEMBERSHIP = 2
 
 THREAT_MODELS = {
     "eps": (
@@ -114,8 +119,23 @@ def reconstruction_errors(
 ) -> torch.Tensor:
     """Per-image reconstruction errors ``[N, len(timesteps)]`` (mean over pixels and draws).
 
-    Noise for image ``i``, timestep ``k``, draw ``r`` is a pure function of ``(seed, i, k, r)``,
-    so member and non-member sets can be scored in any batch size.
+    Noise for image ``i``, timestep index ``k``, draw ``r`` is a pure function of
+    ``(seed, i, k, r)``: the counter-based ``philox_normal(seed, i, step=k·n_noise + r,
+    stream=STREAM_MEMBERSHIP)``. An image's score therefore does not depend on the batch size,
+    the set size or the device; a prefix of a set scores as it does inside the whole set.
+
+    Args:
+        eps_model: the ε-model ``(x, t) -> [B, C, H, W]``.
+        images: ``[N, C, H, W]`` in [-1, 1].
+        schedule: ``NoiseSchedule`` (or ``alphas_cumprod``).
+        timesteps: training-schedule timesteps.
+        n_noise: noise draws per image and timestep.
+        seed: Philox key of the noise.
+        batch_size: images per model call.
+        protector, scale, alpha, mode, guidance_range: as :func:`denoiser_output`.
+
+    Returns:
+        float32 ``[N, len(timesteps)]``.
     """
     x = as_image_batch(images, "images")
     ac = _alphas_cumprod(schedule)
@@ -123,8 +143,10 @@ def reconstruction_errors(
     ts = [int(t) for t in timesteps]
     if not ts or any(not 0 <= t < T for t in ts):
         raise ValueError(f"timesteps must be a non-empty list in [0, {T - 1}], got {list(ts)}")
-    if n_noise < 1:
-        raise ValueError(f"n_noise must be >= 1, got {n_noise}")
+    if isinstance(n_noise, bool) or not isinstance(n_noise, int) or n_noise < 1:
+        raise ValueError(f"n_noise must be an int >= 1, got {n_noise!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if protector is not None and scale:
         check_alpha(alpha)
         mode_id(mode)
@@ -132,11 +154,10 @@ def reconstruction_errors(
     out = torch.zeros(x.shape[0], len(ts))
     for k, t in enumerate(ts):
         for r in range(n_noise):
-            g = torch.Generator().manual_seed((seed * 1_000_003 + k * 1009 + r) & 0x7FFFFFFFFFFF)
-            noise = torch.randn(x.shape, generator=g)  # [N, C, H, W]
             for s in range(0, x.shape[0], batch_size):
                 x0 = x[s : s + batch_size].to(device)
-                e = noise[s : s + batch_size].to(device)
+                idx = torch.arange(s, s + x0.shape[0], dtype=torch.int64, device=device)  # [B]
+                e = philox_normal(seed, idx, k * n_noise + r, STREAM_MEMBERSHIP, x.shape[1:])
                 tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
                 a = ac[t].to(device)
                 xt = a.sqrt() * x0 + (1 - a).sqrt() * e
