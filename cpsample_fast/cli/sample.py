@@ -60,18 +60,11 @@ def load_eps_model(spec: str, device):
 
         return load_diffusers(path, device=device)
     if path.suffix == ".safetensors":
-        from ..models import load_checkpoint
-        from ..models.unet import SmallUNet, UNetConfig
+        from ..models import load_unet
 
-        groups, meta = load_checkpoint(path)
-        if "unet_config" not in meta or "schedule" not in meta:
-            raise ValueError(
-                f"{path}: its .json sidecar must hold 'unet_config' and 'schedule' "
-                "(written by cpsample_fast.models.save_checkpoint)"
-            )
-        model = SmallUNet(UNetConfig.from_dict(meta["unet_config"]))
-        model.load_state_dict({k: v.float() for k, v in groups["model"].items()})
-        model.eval().requires_grad_(False)
+        model, meta = load_unet(path)
+        if "schedule" not in meta:
+            raise ValueError(f"{path}: its metadata must hold the training 'schedule'")
         return model.to(device), NoiseSchedule.from_config(meta["schedule"])
     raise ValueError(
         f"--model must be a diffusers directory, a .safetensors UNet checkpoint or 'digits', "

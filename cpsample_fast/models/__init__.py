@@ -2,7 +2,7 @@
 
 from .digits import digits_split, load_digits_unet
 from .empirical import EmpiricalDenoiser
-from .train import TrainReport, load_checkpoint, save_checkpoint, train_diffusion
+from .train import TrainReport, load_checkpoint, load_unet, save_checkpoint, train_diffusion
 from .unet import UNET_CONFIGS, SmallUNet, UNetConfig
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "digits_split",
     "load_checkpoint",
     "load_digits_unet",
+    "load_unet",
     "save_checkpoint",
     "train_diffusion",
 ]

@@ -75,16 +75,11 @@ def load_digits_unet(path: str | Path | None = None):
         ``(model, meta)``: a :class:`~cpsample_fast.models.unet.SmallUNet` in eval mode (float32)
         and the JSON sidecar (config, schedule, split, training command and losses).
     """
-    from .train import load_checkpoint
-    from .unet import SmallUNet, UNetConfig
+    from .train import load_unet
 
     path = Path(path) if path is not None else DIGITS_UNET
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: run `python scripts/train_digits_unet.py` to reproduce it"
         )
-    groups, meta = load_checkpoint(path)
-    model = SmallUNet(UNetConfig.from_dict(meta["unet_config"]))
-    model.load_state_dict({k: v.float() for k, v in groups["model"].items()})
-    model.eval().requires_grad_(False)
-    return model, meta
+    return load_unet(path)

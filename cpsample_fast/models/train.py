@@ -117,6 +117,26 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.
     return groups, meta
 
 
+def load_unet(path: str | os.PathLike):
+    """A :class:`~cpsample_fast.models.unet.SmallUNet` from a :func:`save_checkpoint` file.
+
+    Returns:
+        ``(model, meta)``: the UNet in eval mode (float32, no gradients) and the metadata, which
+        must hold ``unet_config`` (and normally ``schedule``).
+    """
+    from .unet import SmallUNet, UNetConfig
+
+    groups, meta = load_checkpoint(path)
+    if "unet_config" not in meta:
+        raise ValueError(
+            f"{path}: its metadata must hold 'unet_config' (written by "
+            "cpsample_fast.models.save_checkpoint with the model's config)"
+        )
+    model = SmallUNet(UNetConfig.from_dict(meta["unet_config"]))
+    model.load_state_dict({k: v.float() for k, v in groups["model"].items()})
+    return model.eval().requires_grad_(False), meta
+
+
 def _tensor_sha256(x: torch.Tensor) -> str:
     """Hash of the exact float32 bytes (resuming on other data must be refused)."""
     digest = hashlib.sha256()
