@@ -23,3 +23,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def write_tiny_assets():
+    """Factory: write a tiny ``SmallUNet`` checkpoint and a briefly trained protector of
+    ``members`` into a folder (``unet.safetensors``, ``protector/``), as the CLIs read them."""
+
+    def write(folder, members, *, steps: int, batch_size: int):
+        from cpsample_fast.models import SmallUNet, save_checkpoint
+        from cpsample_fast.protector import save_protector, train_protector
+        from cpsample_fast.schedule import NoiseSchedule
+
+        schedule = NoiseSchedule()
+        torch.manual_seed(0)
+        unet = SmallUNet("tiny")
+        meta = {"unet_config": unet.config.to_dict(), "schedule": schedule.to_config()}
+        save_checkpoint(folder / "unet.safetensors", unet, meta)
+        prot, report = train_protector(
+            members, schedule=schedule, protector={"base_channels": 8}, steps=steps,
+            batch_size=batch_size, progress=False,
+        )  # fmt: skip
+        save_protector(folder / "protector", prot, report)
+        return folder
+
+    return write

@@ -13,36 +13,15 @@ import pytest
 import torch
 
 from cpsample_fast.cli.__main__ import main as cli_main
-from cpsample_fast.models import SmallUNet, save_checkpoint
-from cpsample_fast.protector import save_protector, train_protector
-from cpsample_fast.schedule import NoiseSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, write_tiny_assets):
     """A tiny UNet checkpoint and a (briefly trained) protector, written to disk."""
-    d = tmp_path_factory.mktemp("assets")
-    schedule = NoiseSchedule()
-    torch.manual_seed(0)
-    unet = SmallUNet("tiny")
-    save_checkpoint(
-        d / "unet.safetensors",
-        unet,
-        {"unet_config": unet.config.to_dict(), "schedule": schedule.to_config()},
-    )
     images = torch.rand(6, 1, 8, 8) * 2 - 1
-    prot, report = train_protector(
-        images,
-        schedule=schedule,
-        protector={"base_channels": 8},
-        steps=2,
-        batch_size=4,
-        progress=False,
-    )
-    save_protector(d / "protector", prot, report)
-    return d
+    return write_tiny_assets(tmp_path_factory.mktemp("assets"), images, steps=2, batch_size=4)
 
 
 def _args(assets, out, *extra):

@@ -116,33 +116,12 @@ def test_ignored_options_all_named_at_once(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def membership_assets(tmp_path_factory):
+def membership_assets(tmp_path_factory, write_tiny_assets):
     """A tiny UNet checkpoint, a protector of ``members`` and member/other image files."""
-    from cpsample_fast.models import SmallUNet, save_checkpoint
-    from cpsample_fast.protector import save_protector, train_protector
-    from cpsample_fast.schedule import NoiseSchedule
-
-    d = tmp_path_factory.mktemp("membership")
-    schedule = NoiseSchedule()
-    torch.manual_seed(0)
-    unet = SmallUNet("tiny")
-    save_checkpoint(
-        d / "unet.safetensors",
-        unet,
-        {"unet_config": unet.config.to_dict(), "schedule": schedule.to_config()},
-    )
     # Raw floats in [0, 50]: only loadable with --normalize, exactly like train-protector.
     raw = torch.rand(5, 1, 8, 8) * 50
     members = normalize_images(raw)
-    prot, report = train_protector(
-        members,
-        schedule=schedule,
-        protector={"base_channels": 8},
-        steps=1,
-        batch_size=3,
-        progress=False,
-    )
-    save_protector(d / "protector", prot, report)
+    d = write_tiny_assets(tmp_path_factory.mktemp("membership"), members, steps=1, batch_size=3)
     np.savez(d / "members_raw.npz", images=raw.numpy())
     np.savez(d / "members.npz", images=members.numpy())
     np.savez(d / "other.npz", images=(torch.rand(5, 1, 8, 8) * 2 - 1).numpy())
