@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -280,11 +281,15 @@ class StreamingNpzWriter:
         self._written: dict[str, int] = {}
 
     def append(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Append the next rows of each array (every call must name the same arrays)."""
         for name, arr in arrays.items():
             arr = np.ascontiguousarray(arr)
             if name not in self._files:
-                tmp = self.path.with_name(f".tmp-{self.path.name}-{name}.npy")
-                fh = open(tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+                fd, tmp_name = tempfile.mkstemp(
+                    dir=self.path.parent, prefix=f".tmp-{self.path.name}-{name}-", suffix=".npy"
+                )
+                tmp = Path(tmp_name)
+                fh = os.fdopen(fd, "wb")  # closed in close()/abort()
                 header = {
                     "descr": np.lib.format.dtype_to_descr(arr.dtype),
                     "fortran_order": False,

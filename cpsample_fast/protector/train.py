@@ -524,6 +524,10 @@ def train_protector(
         if callback is not None:
             callback(step, metrics)
     bar.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0's last checkpoint is on disk before any rank returns
     seconds = time.perf_counter() - started
     net.eval()
 
