@@ -466,3 +466,57 @@ def test_every_subcommand_turns_bad_input_into_one_line(tmp_path, monkeypatch, c
     err = capsys.readouterr().err.strip()
     assert expect in err, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+# --------------------------------------------------------------------------- sharded evaluation
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_replication_over_a_sharded_output_streams_and_matches(reference, backend):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    from cpsample_fast import eval as cps_eval
+
+    train = torch.rand(7, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    whole = cps_eval.replication(_samples(reference["4"]), train, carlini_n=3, backend="torch")
+    seen = []
+    real_iter = S.iter_shards
+
+    def counting(*a, **k):
+        for item in real_iter(*a, **k):
+            seen.append(item[1]["samples"].shape[0])
+            yield item
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S, "iter_shards", counting)
+        streamed = cps_eval.replication(reference["4"], train, carlini_n=3, backend=backend)
+    assert seen == [2, 2, 1]  # shard by shard
+    assert streamed.backend == backend
+    torch.testing.assert_close(streamed.similarity, whole.similarity, atol=1e-5, rtol=0)
+    torch.testing.assert_close(streamed.l2_ratio, whole.l2_ratio, atol=1e-4, rtol=1e-4)
+    assert torch.equal(streamed.nearest_index, whole.nearest_index)
+
+
+def test_evaluate_carries_the_audit_record(reference, tmp_path):
+    train = (torch.rand(7, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1).numpy()
+    np.savez(tmp_path / "train.npz", images=train)
+    reports = {}
+    for name, spec in (("folder", reference["4"]), ("npz", reference["4"] / "samples.npz")):
+        out = tmp_path / name
+        argv = ["evaluate", "--samples", str(spec), "--train", str(tmp_path / "train.npz"),
+                "--out", str(out)]  # fmt: skip
+        assert cli_main(argv) == 0
+        reports[name] = json.loads((out / "evaluation.json").read_text())
+        with np.load(out / "per_sample.npz") as per:
+            np.testing.assert_array_equal(per["sample_index"], np.arange(5))
+            with np.load(reference["4"] / "samples.npz") as samples:
+                np.testing.assert_array_equal(per["gate"], samples["gate"])
+                np.testing.assert_array_equal(per["final_confidence"], samples["final_confidence"])
+            top = reports[name]["audit"]["most_similar"][0]
+            i = int(np.argmax(per["similarity"]))
+            assert top["sample_index"] == i
+            assert top["gate_open_steps"] == np.flatnonzero(per["gate"][i]).tolist()
+    assert reports["folder"]["audit"] == reports["npz"]["audit"]
+    assert reports["folder"]["replication"]["similarity_mean"] == pytest.approx(
+        reports["npz"]["replication"]["similarity_mean"], abs=1e-6
+    )

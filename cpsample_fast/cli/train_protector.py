@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from . import _args as A
@@ -162,7 +163,7 @@ def _load_data(args):
 
 
 def main(args) -> int:
-    """Run ``cpsample train-protector``; 0 on success (bad input raises, exit 2 via the CLI)."""
+    """Run ``cpsample train-protector``; 0 on success, 2 (one line on stderr) on bad input."""
     from ..distributed import RankInfo, all_agree, init_process_group
 
     info = RankInfo.from_env()
@@ -170,6 +171,9 @@ def main(args) -> int:
     own_group = init_process_group(info, device)
     try:
         return _run(args, info, device, all_agree)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"cpsample train-protector: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     finally:
         if own_group:
             import torch.distributed as dist
