@@ -223,7 +223,7 @@ def batch_ranges(num_samples: int, batch_size: int) -> list[tuple[int, int, int]
 
 
 def iter_shards(
-    out_dir, manifest: dict | None = None, *, verify: bool = True
+    out_dir, manifest: dict | None = None
 ) -> Iterator[tuple[int, dict[str, torch.Tensor], str]]:
     """Yield ``(first_sample, tensors, sha256)`` for every shard of a run, in sample order.
 
@@ -238,7 +238,7 @@ def iter_shards(
         raise ShardError(f"{manifest_path(out_dir)} not found: not a sharded cpsample output")
     listed = manifest.get("shards") or {}
     for b, first, size in batch_ranges(manifest["num_samples"], manifest["batch_size"]):
-        want = listed.get(f"{b:06d}", {}).get("sha256") if verify else None
+        want = listed.get(f"{b:06d}", {}).get("sha256")
         tensors, checksum = read_shard(
             shard_path(out_dir, b),
             run=manifest["run_id"],

@@ -520,3 +520,29 @@ def test_evaluate_carries_the_audit_record(reference, tmp_path):
     assert reports["folder"]["replication"]["similarity_mean"] == pytest.approx(
         reports["npz"]["replication"]["similarity_mean"], abs=1e-6
     )
+
+
+def test_train_protector_folder_never_looks_finished_mid_run(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "prot"
+    argv = ["train-protector", "--data", "digits", "--size", "8", "--steps", "2",
+            "--batch-size", "4", "--width", "8", "--report-bins", "2", "--no-progress",
+            "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert cli_main(argv) == 0
+    assert (out / "result.json").is_file()
+    argv[argv.index("--steps") + 1] = "1"  # refused: the state is at step 2
+    assert cli_main(argv) == 2
+    assert "past steps=1" in capsys.readouterr().err
+    assert (out / "result.json").is_file()  # a refused run leaves the finished one alone
+    import cpsample_fast.protector as prot
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(prot, "save_protector", killed)
+    argv[argv.index("--steps") + 1] = "3"
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(argv)
+    assert not (out / "result.json").exists() and not (out / "protector.safetensors").exists()
+    with S.OutputLock(out):  # the lock died with the "killed" run; now another run holds it
+        assert cli_main(argv) == 2
+        assert "in use by another cpsample run" in capsys.readouterr().err

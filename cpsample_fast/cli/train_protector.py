@@ -8,7 +8,8 @@ in ``--out/train_state`` (run the same command again after a kill to continue).
 Under ``torchrun --nproc_per_node N -m cpsample_fast train-protector ...`` the training runs
 data-parallel (DDP; gloo on CPU, NCCL on GPU) with the same result as one process; rank 0 writes
 every file. The output folder is locked for the run, and the finished-run files (``result.json``
-last) are removed when a run starts, so a folder never looks finished while a run is in it.
+is written last) are removed at the first step trained, so a folder never looks finished while
+a run is in it (a refused run leaves them alone).
 """
 
 from __future__ import annotations
@@ -199,10 +200,17 @@ def _run(args, info, device, all_agree) -> int:
             refusal = err
     if not all_agree(info, refusal is None):
         raise refusal or ValueError("rank 0 refused the run; see its message")
-    try:
-        if info.rank == 0:
+    cleared: list[bool] = []
+
+    def clear_finished(step: int, metrics: dict) -> None:
+        # at the first step actually trained (not before: a refused run keeps the old files),
+        # the previous run's result files go, so the folder never looks finished mid-run
+        if not cleared and info.rank == 0:
             for name in RESULT_FILES:
                 (out / name).unlink(missing_ok=True)
+        cleared.append(True)
+
+    try:
         net, report = train_protector(
             members,
             schedule=schedule,
@@ -222,6 +230,7 @@ def _run(args, info, device, all_agree) -> int:
             resume=not args.no_resume,
             progress=not args.no_progress,
             report_bins=args.report_bins,
+            callback=clear_finished,
         )
         if info.rank != 0:
             return 0
