@@ -553,3 +553,30 @@ def test_train_protector_folder_never_looks_finished_mid_run(tmp_path, monkeypat
     with S.OutputLock(out):  # the lock died with the "killed" run; now another run holds it
         assert cli_main(argv) == 2
         assert "in use by another cpsample run" in capsys.readouterr().err
+
+
+def test_lock_held_by_another_process_refuses_a_second_run(assets, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    code = (
+        "import sys, time\n"
+        "from cpsample_fast.shards import OutputLock\n"
+        "lock = OutputLock(sys.argv[1]); lock.acquire(); print('locked', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True, env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert cli_main(_args(assets, out)) == 2
+        assert f"in use by another cpsample run (pid {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    _run(assets, out)  # the holder is gone, and its lock with it
