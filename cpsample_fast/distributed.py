@@ -3,8 +3,9 @@
 Work is cut into fixed batches of global sample indices; batch ``b`` holds samples
 ``b·batch_size …`` and goes to rank ``b % world_size``. The counter-based noise (SPEC §4) makes
 sample ``i`` a pure function of ``(seed, i)``, so the result does not depend on the number of
-ranks, and a batch already on disk is skipped when a killed job is started again. Each batch is
-written atomically as its own shard; rank 0 merges the shards when all are present.
+ranks, and a batch already on disk (and verified, :mod:`cpsample_fast.shards`) is skipped when a
+killed job is started again. Each batch is written atomically as its own self-verifying shard;
+rank 0 merges the shards when all are present. ``SPEC §4`` is docs/ALGORITHM.md §4.
 """
 
 from __future__ import annotations
@@ -12,18 +13,8 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
-
-from .io import (
-    load_safetensors,
-    read_json,
-    safetensors_metadata,
-    save_safetensors_atomic,
-    write_json_atomic,
-)
 
 
 @dataclass(frozen=True)
@@ -104,71 +95,39 @@ def batch_plan(num_samples: int, batch_size: int, info: RankInfo) -> list[tuple[
     return plan
 
 
-def shard_path(out_dir: str | os.PathLike, batch_index: int) -> Path:
-    return Path(out_dir) / "shards" / f"batch_{batch_index:06d}.safetensors"
+def all_agree(info: RankInfo, ok: bool) -> bool:
+    """True on every rank iff ``ok`` is true on every rank (a MIN all-reduce; no-op alone).
 
-
-def write_shard(out_dir, batch_index: int, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Write one batch's tensors atomically (a kill leaves either the whole shard or none)."""
-    path = shard_path(out_dir, batch_index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors_atomic(path, tensors, metadata={k: str(v) for k, v in meta.items()})
-    return path
-
-
-def check_manifest(out_dir, manifest: dict, info: RankInfo, *, resume: bool) -> None:
-    """Make sure the shards in ``out_dir`` belong to the run described by ``manifest``.
-
-    Shards are reused on resume only when every setting that shapes them (model, protector,
-    seed, steps, guidance, batch size, sample count, ...) is the same; otherwise a rerun in the
-    same folder would silently merge samples of two different runs.
-
-    Raises:
-        ValueError: naming the settings that differ, when resuming into another run's shards.
+    Used where only some ranks can tell that the run must stop (rank 0 holds the output lock,
+    for example), so that every rank stops instead of the others hanging at the next barrier.
     """
-    path = Path(out_dir) / "shards" / "manifest.json"
-    if path.is_file() and resume:
-        old = read_json(path)
-        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-        if diff:
-            raise ValueError(
-                f"{Path(out_dir)} holds shards of a different run (settings differ: "
-                f"{', '.join(diff)}); use another --out, or --no-resume to redo every batch"
-            )
-    elif info.rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, manifest)
+    if info.world_size <= 1:
+        return ok
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
-def merge_shards(out_dir, num_samples: int, batch_size: int) -> dict[str, np.ndarray]:
-    """Concatenate all shards in sample order (every key of the shards).
+def all_sum(info: RankInfo, value: float) -> float:
+    """The sum of ``value`` over all ranks (``value`` itself for a single process)."""
+    if info.world_size <= 1:
+        return value
+    import torch.distributed as dist
 
-    Each shard must hold exactly the samples its batch index names (checked against the
-    ``first_sample`` it records and its row count), so shards of another batch size are refused.
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t)
+    return float(t.item())
 
-    Raises:
-        FileNotFoundError: naming the missing batches when some shard is absent.
-        ValueError: a shard that does not hold the samples of its batch.
-    """
-    n_batches = math.ceil(num_samples / batch_size)
-    missing = [b for b in range(n_batches) if not shard_path(out_dir, b).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"shards missing for batches {missing[:10]}{'…' if len(missing) > 10 else ''} in "
-            f"{Path(out_dir) / 'shards'}; run the same command again to finish them"
-        )
-    parts: dict[str, list[np.ndarray]] = {}
-    for b in range(n_batches):
-        path = shard_path(out_dir, b)
-        first, size = b * batch_size, min(batch_size, num_samples - b * batch_size)
-        meta = safetensors_metadata(path)
-        tensors = load_safetensors(path)
-        rows = {int(v.shape[0]) for v in tensors.values()}
-        if meta.get("first_sample") != str(first) or rows != {size}:
-            raise ValueError(
-                f"{path} holds samples from {meta.get('first_sample')} ({sorted(rows)} rows), "
-                f"expected {size} from {first}: it belongs to another run; use --no-resume"
-            )
-        for k, v in tensors.items():
-            parts.setdefault(k, []).append(v.numpy())
-    return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
+
+def _collective_device() -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

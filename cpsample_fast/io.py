@@ -78,6 +78,16 @@ def _umask() -> int:
     return mask
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (best effort: not every file system can fsync a folder)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success move it onto ``path`` atomically.
@@ -95,14 +105,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".tmp-{final.name}-")
     os.close(fd)
     tmp_path = Path(tmp)
-    # mkstemp creates mode 0600 and os.replace keeps it: give the file the mode a plain open()
-    # would (0666 less the umask), so other users of a shared cluster can read the results
-    os.chmod(tmp_path, 0o666 & ~_umask())
     try:
         yield tmp_path
+        # mkstemp creates mode 0600, and some writers (safetensors) replace the temporary file
+        # with a new 0600 one: after writing, give it the mode a plain open() would (0666 less
+        # the umask), so every file of a run has one mode and other users can read results
+        os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, final)
+        _fsync_dir(final.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp_path.unlink()

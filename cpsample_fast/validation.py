@@ -6,6 +6,7 @@ input fails before any model or kernel runs (SPEC §3, issue "Bad input").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -31,10 +32,9 @@ def check_sampling_args(
             f"num_inference_steps must be in [1, {T}] (the schedule's num_train_timesteps), "
             f"got {num_inference_steps}"
         )
-    if not float(eta) >= 0.0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    if not float(scale) >= 0.0:
-        raise ValueError(f"scale must be >= 0, got {scale}")
+    for name, value in (("eta", eta), ("scale", scale)):
+        if not (math.isfinite(float(value)) and float(value) >= 0.0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     check_alpha(alpha)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -80,6 +80,8 @@ def check_noise_args(
             raise TypeError("noise must be a floating-point torch.Tensor [B, C, H, W]")
         if tuple(noise.shape) != tuple(shape):
             raise ValueError(f"noise must have shape {tuple(shape)}, got {tuple(noise.shape)}")
+        if not bool(torch.isfinite(noise).all()):
+            raise ValueError("noise contains NaN or inf; pass finite initial noise x_T")
     if step_noise is not None:
         want = (num_inference_steps, *shape)
         if not isinstance(step_noise, torch.Tensor) or not step_noise.is_floating_point():
@@ -89,6 +91,8 @@ def check_noise_args(
                 f"step_noise must have shape [num_inference_steps, B, C, H, W] = {want}, "
                 f"got {tuple(step_noise.shape)}"
             )
+        if not bool(torch.isfinite(step_noise).all()):
+            raise ValueError("step_noise contains NaN or inf; pass finite per-step noise z")
 
 
 def _where(step: int | None, t: int | None) -> str:

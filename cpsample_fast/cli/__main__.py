@@ -2,6 +2,11 @@
 
 Each subcommand module (``cpsample_fast/cli/<name>.py``) exposes ``HELP``,
 ``add_arguments(parser)`` and ``main(args) -> int`` (docs/CONTRACTS.md "Command line").
+
+Bad input never ends in a traceback: an argparse error, or a ``ValueError`` / ``TypeError`` /
+``FileNotFoundError`` / ``NotADirectoryError`` raised by a subcommand (the package's bad-input
+errors), is printed as one line ``cpsample <command>: <message>`` and the exit status is 2.
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -30,8 +35,23 @@ def _load(module_name: str):
         raise
 
 
+# The exception types the package raises for bad input (docs/CONTRACTS.md "Bad input").
+BAD_INPUT = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (no usage block) with exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see --help)\n")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cpsample",
         description="CPSample: diffusion sampling that does not copy its training images.",
     )
@@ -55,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     if args._module is None:
         print(f"cpsample {args._name}: not implemented in this version yet", file=sys.stderr)
         return 2
-    return int(args._module.main(args) or 0)
+    try:
+        return int(args._module.main(args) or 0)
+    except BAD_INPUT as err:
+        message = str(err) or type(err).__name__
+        print(f"cpsample {args._name}: {_one_line(message)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,7 +2,11 @@
 
 Samples and image sets are ``.npz`` files (key ``samples`` by default, else the loader's
 default), image folders, or ``digits-members`` / ``digits-eval`` (the demo's fixed digit split).
-Writes ``evaluation.json`` and PNGs (nearest pairs, ROC) into ``--out``.
+Writes ``evaluation.json`` and PNGs (nearest pairs, ROC) into ``--out``. ``--samples`` may
+also be a ``cpsample sample`` output folder: its verified shards are streamed (never all in
+memory for replication). When the samples carry the per-sample audit record (gate steps, final
+confidence), it is joined with each sample's nearest-neighbour result into ``per_sample.npz`` and
+summarised under ``"audit"`` in ``evaluation.json``.
 
 Options that only make sense together with another one are refused (exit 2) when given
 without it, rather than silently ignored: the membership-attack options need ``--model``, the
@@ -12,6 +16,7 @@ without it, rather than silently ignored: the membership-attack options need ``-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -41,7 +46,11 @@ _NEEDS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", required=True, help=".npz (key 'samples') or image folder")
+    p.add_argument(
+        "--samples",
+        required=True,
+        help=".npz (key 'samples'), image folder, or a cpsample sample output folder",
+    )
     p.add_argument("--samples-key", default="samples", help="array name in the samples .npz")
     p.add_argument(
         "--train", required=True, help="training set: .npz, image folder, or 'digits-members'"
@@ -193,6 +202,13 @@ def main(args) -> int:
     from ..eval import membership_inference, quality, replication, save_pairs_grid
     from ..eval.membership import save_roc
     from ..io import write_json_atomic
+    from ..sample_audit import (
+        audit_summary,
+        is_sharded_run,
+        load_audit,
+        load_sharded_samples,
+        save_per_sample,
+    )
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -200,13 +216,28 @@ def main(args) -> int:
         check_option_dependencies(args)  # before anything is created or loaded
         out.mkdir(parents=True, exist_ok=True)
         real = {"normalize": args.normalize, "grayscale": args.grayscale}
-        samples = load_images(args.samples, args.samples_key, grayscale=args.grayscale)
         train = load_images(args.train, **real)
         report: dict = {"samples": args.samples, "train": args.train}
-        rep = replication(samples, train, thresholds=args.thresholds)
-        save_pairs_grid(samples, train, rep, out / "nearest_pairs.png")
+        if is_sharded_run(args.samples):  # a cpsample sample folder: stream its shards
+            samples = None
+            rep = replication(args.samples, train, thresholds=args.thresholds)
+            top = rep.similarity.argsort(descending=True)[:16]
+            best = dataclasses.replace(rep, similarity=rep.similarity[top],
+                                       nearest_index=rep.nearest_index[top])  # fmt: skip
+            save_pairs_grid(load_sharded_samples(args.samples, top), train, best,
+                            out / "nearest_pairs.png")  # fmt: skip
+        else:
+            samples = load_images(args.samples, args.samples_key, grayscale=args.grayscale)
+            rep = replication(samples, train, thresholds=args.thresholds)
+            save_pairs_grid(samples, train, rep, out / "nearest_pairs.png")
         report["replication"] = rep.to_dict()
+        audit = load_audit(args.samples)  # the per-sample record of cpsample sample
+        if audit is not None:
+            report["audit"] = audit_summary(rep, audit)
+            save_per_sample(out / "per_sample.npz", rep, audit)
         if args.reference:
+            if samples is None:
+                samples = load_sharded_samples(args.samples)
             ref = load_images(args.reference, **real)
             q = quality(
                 samples,
@@ -252,7 +283,7 @@ def main(args) -> int:
                 )
             save_roc(results, out / "roc.png")
             report["membership"] = [r.to_dict() for r in results]
-    except (ValueError, FileNotFoundError, TypeError, ImportError) as err:
+    except (ValueError, FileNotFoundError, TypeError, ImportError) as err:  # ShardError too
         print(f"cpsample evaluate: {err}", file=sys.stderr)
         return 2
     report["seconds"] = time.perf_counter() - t0

@@ -3,18 +3,29 @@
 Run under ``torchrun --nproc_per_node N -m cpsample_fast sample ...`` to spread batches over N
 processes (GPUs): batch ``b`` goes to rank ``b % N`` and sample ``i`` always gets the noise of
 ``(seed, i)``, so the merged result is the same for any N. A killed job started again skips the
-batches already written.
+batches already written and verified.
+
+Every shard carries the run's identity and a content checksum (:mod:`cpsample_fast.shards`):
+resume regenerates a truncated, corrupted or foreign shard, and the merge refuses one. The
+output folder is locked for the run; ``sample.json`` (the "finished" marker) is removed when a
+run starts and written last. The merge streams shard by shard (never all samples in memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from . import _args as A
+
+OUTPUTS = ("npz", "shards", "images")
+# Files that say "this run is finished"; removed before a run starts, written last.
+RESULT_FILES = ("sample.json", "samples.npz", "grid.png", "trace.png")
 
 HELP = "draw protected samples (CPSample) from an eps-model; writes samples.npz, grid.png, JSON"
 
@@ -27,20 +38,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "with its .json sidecar), or 'digits' for the shipped memorising digits UNet",
     )
     p.add_argument("--protector", help="protector checkpoint (.safetensors or its folder)")
-    p.add_argument("--num-samples", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--scale", type=float, default=1000.0, help="guidance scale s (default 1000)")
-    p.add_argument("--alpha", type=float, default=0.001, help="gate threshold α (default 0.001)")
+    p.add_argument(
+        "--num-samples", type=A.int_at_least(1), default=64, help="number of samples (default 64)"
+    )
+    p.add_argument("--batch-size", type=A.int_at_least(1), default=16)
+    p.add_argument("--steps", type=A.int_at_least(1), default=50, help="DDIM steps (default 50)")
+    p.add_argument("--eta", type=A.finite_float(0.0), default=0.0)
+    p.add_argument(
+        "--scale", type=A.finite_float(0.0), default=1000.0, help="guidance scale s (default 1000)"
+    )
+    p.add_argument(
+        "--alpha",
+        type=A.finite_float(0.0, 0.5, lo_open=True),
+        default=0.001,
+        help="gate threshold α in (0, 0.5] (default 0.001)",
+    )
     p.add_argument("--mode", default="repel", choices=["repel", "attract", "entropy"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=A.seed, default=0, help="noise seed in [0, 2**64)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "cpp", "torch"])
     p.add_argument("--compile", action="store_true", help="torch.compile the whole step")
     p.add_argument("--bf16", action="store_true", help="run both models in bfloat16")
     p.add_argument("--channels-last", action="store_true", help="models in channels_last")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--no-resume", action="store_true", help="redo batches already on disk")
+    p.add_argument(
+        "--output",
+        default="npz",
+        choices=OUTPUTS,
+        help="npz: merge into samples.npz (default); shards: keep only the verified shards + "
+        "manifest (for millions of samples); images: also one PNG per sample under images/",
+    )
+    p.add_argument("--no-resume", action="store_true", help="delete old shards, redo every batch")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="output folder")
 
@@ -73,31 +100,35 @@ def load_eps_model(spec: str, device):
 
 
 def main(args) -> int:
-    from ..distributed import (
-        RankInfo,
-        barrier,
-        batch_plan,
-        check_manifest,
-        init_process_group,
-        merge_shards,
-        shard_path,
-        write_shard,
-    )
-    from ..eval.plots import save_image_grids, save_lines_png
-    from ..io import ensure_writable_dir, write_json_atomic
-    from ..protector import load_protector
-    from ..sampler import CPSampler
+    from ..distributed import RankInfo, init_process_group
 
     info = RankInfo.from_env()
     device = info.device(args.device)
     own_group = init_process_group(info, device)
+    try:
+        return _run(args, info, device)
+    finally:
+        if own_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args, info, device) -> int:
+    from ..distributed import all_agree, batch_plan
+    from ..io import ensure_writable_dir
+    from ..protector import load_protector
+    from ..sampler import CPSampler
+    from ..shards import OutputLock, new_manifest
+
+    # everything that can be refused is checked before the folder is touched
     out = ensure_writable_dir(args.out, "--out")
     eps_model, schedule = load_eps_model(args.model, device)
     protector = None
     if args.protector:
         protector, meta = load_protector(args.protector, device=device)
         if meta.get("schedule") and not _same_schedule(meta["schedule"], schedule):
-            print("warning: the protector was trained with a different noise schedule")
+            _warn("the protector was trained with a different noise schedule")
     dtype = torch.bfloat16 if args.bf16 else None
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     for m in (eps_model, protector):
@@ -117,16 +148,52 @@ def main(args) -> int:
         compile=args.compile,
     )
     shape_chw = _sample_shape(eps_model, protector)
-    check_manifest(out, _manifest(args, shape_chw), info, resume=not args.no_resume)
+    if protector is not None:
+        check_protector_fits(protector, shape_chw)
     plan = batch_plan(args.num_samples, args.batch_size, info)
-    todo = [b for b in plan if args.no_resume or not shard_path(out, b[0]).is_file()]
+    manifest = new_manifest(_manifest(args, shape_chw), args.num_samples, args.batch_size)
+    run = manifest["run_id"]
+
+    lock = OutputLock(out, "--out")
+    refusal = None
     if info.rank == 0:
-        every = batch_plan(args.num_samples, args.batch_size, RankInfo())  # all ranks' batches
-        done_before = 0 if args.no_resume else sum(shard_path(out, b).is_file() for b, *_ in every)
+        try:
+            lock.acquire()
+            _prepare_folder(out, manifest, resume=not args.no_resume)
+        except ValueError as err:
+            lock.release()
+            refusal = err
+    if not all_agree(info, refusal is None):  # also the barrier after rank 0's preparation
+        raise refusal or ValueError("rank 0 refused the run; see its message")
+    try:
+        return _sample_and_merge(args, info, device, out, sampler, protector, shape_chw,
+                                 plan, manifest, run)  # fmt: skip
+    finally:
+        lock.release()
+
+
+def _sample_and_merge(args, info, device, out, sampler, protector, shape_chw, plan, manifest, run):
+    from ..distributed import all_sum, barrier
+    from ..shards import ShardError, read_shard, shard_path, write_shard
+
+    todo, verified = [], 0
+    for b, first, size in plan:
+        path = shard_path(out, b)
+        if path.exists():
+            try:
+                read_shard(path, run=run, batch_index=b, first_sample=first, size=size)
+                verified += 1
+                continue
+            except ShardError as err:
+                _warn(f"{err}; regenerating it")
+        todo.append((b, first, size))
+    done_before = int(all_sum(info, verified))
+    if info.rank == 0:
         print(
             f"cpsample sample: {args.num_samples} samples {shape_chw}, {args.steps} steps, "
             f"{'protected' if protector is not None else 'plain DDIM'}, device {device}, "
-            f"{info.world_size} rank(s); {done_before} of {len(every)} batches already done"
+            f"{info.world_size} rank(s); {done_before} of {manifest['num_batches']} batches "
+            "already done (verified)"
         )
     from tqdm import tqdm
 
@@ -143,35 +210,16 @@ def main(args) -> int:
         write_shard(
             out,
             b,
-            {
-                "samples": x.float().clamp(-1, 1),
-                "gate": trace.gate.T.contiguous().to(torch.uint8),  # [size, steps]
-                "confidence": trace.confidence.T.contiguous(),  # [size, steps]
-            },
-            {"seed": args.seed, "first_sample": start},
+            audit_record(x, trace, start),
+            run=run,
+            seed=args.seed,
+            first_sample=start,
         )
         done += size
     elapsed = time.perf_counter() - t0
     barrier(info)
     if info.rank == 0:
-        merged = merge_shards(out, args.num_samples, args.batch_size)
-        np.savez(out / "samples.tmp.npz", **merged)
-        (out / "samples.tmp.npz").replace(out / "samples.npz")
-        samples = torch.from_numpy(merged["samples"])
-        save_image_grids({"samples": samples[:64]}, out / "grid.png")
-        gate = merged["gate"].astype(np.float64)  # [N, steps]
-        conf = merged["confidence"]  # NaN where the protector was not run
-        steps = np.arange(args.steps)
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean_conf = np.nanmean(conf, 0)
-        save_lines_png(
-            {"fraction guided": (steps, gate.mean(0)), "mean confidence q": (steps, mean_conf)},
-            out / "trace.png",
-            xlabel="step",
-            ylabel="value",
-            title="guidance per step",
-        )
+        stats = merge_run(out, manifest, args.output)
         result = {
             "model": args.model,
             "protector": args.protector,
@@ -187,19 +235,156 @@ def main(args) -> int:
             "bf16": args.bf16,
             "world_size": info.world_size,
             "device": str(device),
+            "run_id": run,
+            "output": args.output,
             "rank0_seconds": elapsed,
             "rank0_images_per_second": done / elapsed if done and elapsed > 0 else None,
-            "fraction_of_samples_ever_guided": float((gate.max(1) > 0).mean()),
-            "mean_fraction_guided_per_step": gate.mean(0).tolist(),
-            "files": ["samples.npz", "grid.png", "trace.png"],
+            **stats,
         }
-        write_json_atomic(out / "sample.json", result)
-        print(f"wrote {out}: samples.npz ({args.num_samples}), grid.png, trace.png, sample.json")
-    if own_group:
-        import torch.distributed as dist
+        from ..io import write_json_atomic
 
-        dist.destroy_process_group()
+        write_json_atomic(out / "sample.json", result)  # last: the run is finished
+        print(f"wrote {out}: {', '.join(stats['files'])}, sample.json")
     return 0
+
+
+def _warn(message: str) -> None:
+    print(f"cpsample sample: warning: {message}", file=sys.stderr)
+
+
+def _prepare_folder(out: Path, manifest: dict, *, resume: bool) -> None:
+    """Rank 0, holding the lock: refuse another run's shards, or clear them (``--no-resume``);
+    remove the finished-run files; write the run's manifest."""
+    from ..io import write_json_atomic
+    from ..shards import ShardError, clear_shards, manifest_path, read_manifest, settings_diff
+
+    if resume:
+        try:
+            old = read_manifest(out)
+        except (ShardError, ValueError) as err:
+            raise ValueError(
+                f"{err}; use another --out, or --no-resume to redo every batch"
+            ) from None
+        if old is not None and old.get("run_id") != manifest["run_id"]:
+            diff = settings_diff(old.get("settings") or {}, manifest["settings"])
+            raise ValueError(
+                f"--out {str(out)!r} holds shards of a different run (settings differ: "
+                f"{', '.join(diff) or 'run id'}); use another --out, or --no-resume to redo "
+                "every batch"
+            )
+    else:
+        clear_shards(out)
+    for name in RESULT_FILES:
+        (out / name).unlink(missing_ok=True)
+    write_json_atomic(manifest_path(out), manifest)
+
+
+def audit_record(x: torch.Tensor, trace, first_sample: int) -> dict[str, torch.Tensor]:
+    """A batch's shard tensors: the samples and the per-sample audit record.
+
+    ``gate [n, steps]`` (uint8: 1 at each loop step where guidance acted), ``confidence
+    [n, steps]`` (q, NaN where the protector was not run), ``final_confidence [n]`` (q at the
+    last step where the protector ran; NaN if it never ran) and ``sample_index [n]``.
+    """
+    conf = trace.confidence.T.contiguous().float().cpu()  # [n, steps]
+    steps = conf.shape[1]
+    pos = torch.where(~torch.isnan(conf), torch.arange(steps), -1).amax(1)  # [n]
+    final = conf.gather(1, pos.clamp_min(0)[:, None])[:, 0]
+    final = torch.where(pos >= 0, final, torch.full_like(final, float("nan")))
+    n = x.shape[0]
+    return {
+        "samples": x.float().clamp(-1, 1).cpu(),
+        "gate": trace.gate.T.contiguous().to(torch.uint8).cpu(),
+        "confidence": conf,
+        "final_confidence": final,
+        "sample_index": torch.arange(first_sample, first_sample + n, dtype=torch.int64),
+    }
+
+
+def merge_run(out: Path, manifest: dict, output: str = "npz") -> dict:
+    """Verify every shard, stream them into the chosen output, record their checksums in the
+    manifest, and write ``grid.png`` / ``trace.png``. One shard is in memory at a time.
+
+    Returns:
+        Summary statistics for ``sample.json`` (guidance fractions, files written).
+    """
+    from ..eval.plots import save_image_grids, save_lines_png
+    from ..shards import StreamingNpzWriter, finish_manifest, iter_shards, write_images
+
+    n = manifest["num_samples"]
+    writer = StreamingNpzWriter(out / "samples.npz", n) if output == "npz" else None
+    checksums: dict[int, str] = {}
+    gate_sum = conf_sum = conf_cnt = None
+    ever, grid = 0, []
+    try:
+        for b, (first, tensors, checksum) in enumerate(iter_shards(out, manifest)):
+            checksums[b] = checksum
+            arrays = {k: v.numpy() for k, v in tensors.items()}
+            if writer is not None:
+                writer.append(arrays)
+            if output == "images":
+                write_images(out / "images", first, arrays["samples"])
+            gate = arrays["gate"].astype(np.float64)
+            conf = arrays["confidence"].astype(np.float64)
+            ok = ~np.isnan(conf)
+            if gate_sum is None:
+                gate_sum, conf_sum, conf_cnt = (np.zeros(gate.shape[1]) for _ in range(3))
+            gate_sum += gate.sum(0)
+            conf_sum += np.where(ok, conf, 0.0).sum(0)
+            conf_cnt += ok.sum(0)
+            ever += int((gate.max(1) > 0).sum())
+            if sum(g.shape[0] for g in grid) < 64:
+                grid.append(arrays["samples"][: 64 - sum(g.shape[0] for g in grid)])
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    files = []
+    if writer is not None:
+        writer.close()
+        files.append("samples.npz")
+    if output == "images":
+        files.append("images/")
+    finish_manifest(out, manifest, checksums)
+    files.append("shards/manifest.json")
+    save_image_grids({"samples": torch.from_numpy(np.concatenate(grid))}, out / "grid.png")
+    steps = np.arange(gate_sum.shape[0])
+    with np.errstate(all="ignore"):
+        mean_conf = np.where(conf_cnt > 0, conf_sum / np.maximum(conf_cnt, 1), np.nan)
+    save_lines_png(
+        {"fraction guided": (steps, gate_sum / n), "mean confidence q": (steps, mean_conf)},
+        out / "trace.png",
+        xlabel="step",
+        ylabel="value",
+        title="guidance per step",
+    )
+    files += ["grid.png", "trace.png"]
+    return {
+        "fraction_of_samples_ever_guided": ever / n,
+        "mean_fraction_guided_per_step": (gate_sum / n).tolist(),
+        "files": files,
+    }
+
+
+def check_protector_fits(protector, shape_chw: tuple[int, int, int]) -> None:
+    """The protector must take the eps-model's channels; another resolution only warns.
+
+    Raises:
+        ValueError: naming --protector, when the channel counts differ.
+    """
+    c, h, w = shape_chw
+    want_c = getattr(protector, "in_channels", None)
+    if want_c is not None and int(want_c) != c:
+        raise ValueError(
+            f"--protector takes {want_c}-channel images, but --model makes {c}-channel samples "
+            f"({c}×{h}×{w}); train the protector on images like the model's"
+        )
+    res = getattr(protector, "resolution", None)
+    if res is not None and int(res) != max(h, w):
+        _warn(
+            f"--protector was trained on {res}×{res} images, the samples are {h}×{w}: its "
+            "confidence on them may mean nothing"
+        )
 
 
 def _file_stamp(path: Path) -> list:
@@ -219,7 +404,11 @@ def _manifest(args, shape_chw) -> dict:
     for k in ("model", "protector"):
         value = getattr(args, k)
         if value and Path(value).exists():
-            manifest[f"{k}_files"] = _file_stamp(Path(value))
+            path = Path(value).resolve()  # prot, prot/ and /abs/prot are one run
+            if k == "protector" and path.is_dir():
+                path = path / "protector.safetensors"
+            manifest[k] = str(path)
+            manifest[f"{k}_files"] = _file_stamp(path)
     return manifest
 
 

@@ -4,6 +4,12 @@ Example: ``cpsample train-protector --data digits --n 64 --size 16 --holdout 64 
 --out runs/digits``. Writes ``protector.safetensors`` + ``protector.json`` (weights, labels,
 fingerprint), ``report.json`` and ``report.png`` into ``--out``; resumable training state lives
 in ``--out/train_state`` (run the same command again after a kill to continue).
+
+Under ``torchrun --nproc_per_node N -m cpsample_fast train-protector ...`` the training runs
+data-parallel (DDP; gloo on CPU, NCCL on GPU) with the same result as one process; rank 0 writes
+every file. The output folder is locked for the run, and the finished-run files (``result.json``
+is written last) are removed at the first step trained, so a folder never looks finished while
+a run is in it (a refused run leaves them alone).
 """
 
 from __future__ import annotations
@@ -12,6 +18,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from . import _args as A
+
+# Files of a finished run; removed when a run starts (result.json is written last).
+RESULT_FILES = (
+    "result.json",
+    "protector.safetensors",
+    "protector.json",
+    "report.json",
+    "report.png",
+)
 
 HELP = (
     "Train a protector (time-conditioned classifier memorising random member labels) and write "
@@ -28,42 +45,78 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--data", required=True, choices=DATASETS, help="data source")
     d.add_argument("--path", help="image folder or .npz file (for --data folder / npz)")
     d.add_argument("--key", default=None, help="array name inside the .npz")
-    d.add_argument("--n", type=int, default=None, help="members (default: 64 digits, else all)")
-    d.add_argument("--size", type=int, default=None, help="resize to SIZE×SIZE (digits: 16)")
-    d.add_argument("--offset", type=int, default=0, help="index of the first member")
     d.add_argument(
-        "--holdout", type=int, default=0, help="non-members taken right after the members"
+        "--n", type=A.int_at_least(1), default=None, help="members (default: 64 digits, else all)"
+    )
+    d.add_argument(
+        "--size", type=A.int_at_least(1), default=None, help="resize to SIZE×SIZE (digits: 16)"
+    )
+    d.add_argument("--offset", type=A.int_at_least(0), default=0, help="index of the first member")
+    d.add_argument(
+        "--holdout",
+        type=A.int_at_least(0),
+        default=0,
+        help="non-members taken right after the members",
     )
     d.add_argument("--grayscale", action="store_true", help="folder images as 1 channel")
     d.add_argument(
         "--normalize", action="store_true", help="rescale min/max onto [-1, 1] (npz floats)"
     )
     t = parser.add_argument_group("training")
-    t.add_argument("--steps", type=int, default=1000, help="optimiser steps (default 1000)")
-    t.add_argument("--batch-size", type=int, default=64, help="members per step (default 64)")
-    t.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
-    t.add_argument("--width", type=int, default=32, help="ProtectorNet base channels")
     t.add_argument(
-        "--attention", type=int, nargs="*", default=[], metavar="RES", help="attention sizes"
+        "--steps", type=A.int_at_least(1), default=1000, help="optimiser steps (default 1000)"
+    )
+    t.add_argument(
+        "--batch-size", type=A.int_at_least(1), default=64, help="members per step (default 64)"
+    )
+    t.add_argument(
+        "--lr",
+        type=A.finite_float(0.0, lo_open=True),
+        default=2e-3,
+        help="AdamW learning rate (default 2e-3)",
+    )
+    t.add_argument("--width", type=A.int_at_least(1), default=32, help="ProtectorNet base channels")
+    t.add_argument(
+        "--attention",
+        type=A.int_at_least(1),
+        nargs="*",
+        default=[],
+        metavar="RES",
+        help="attention sizes",
     )
     t.add_argument(
         "--t-range",
-        type=int,
+        type=A.int_at_least(0),
         nargs=2,
         default=None,
         metavar=("LO", "HI"),
         help="train t in [LO, HI)",
     )
-    t.add_argument("--target-accuracy", type=float, default=None, help="stop early at this")
-    t.add_argument("--seed", type=int, default=0, help="training seed (batches, noise, init)")
-    t.add_argument("--label-seed", type=int, default=0, help="seed of the member labels")
+    t.add_argument(
+        "--target-accuracy",
+        type=A.finite_float(0.0, 1.0, lo_open=True),
+        default=None,
+        help="stop early at this",
+    )
+    t.add_argument(
+        "--holdout-weight",
+        type=A.finite_float(0.0),
+        default=1.0,
+        help="weight of the hold-out loss term (default 1)",
+    )
+    t.add_argument("--seed", type=A.seed, default=0, help="training seed (batches, noise, init)")
+    t.add_argument("--label-seed", type=A.seed, default=0, help="seed of the member labels")
     t.add_argument("--schedule", choices=sorted(SCHEDULES), default="linear")
-    t.add_argument("--num-train-timesteps", type=int, default=1000)
+    t.add_argument("--num-train-timesteps", type=A.int_at_least(1), default=1000)
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    t.add_argument("--checkpoint-every", type=int, default=None, help="steps between states")
+    t.add_argument(
+        "--checkpoint-every", type=A.int_at_least(1), default=None, help="steps between states"
+    )
     t.add_argument("--no-resume", action="store_true", help="ignore --out/train_state")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--report-bins", type=int, default=10, help="timestep bins in the report")
+    t.add_argument(
+        "--report-bins", type=A.int_at_least(1), default=10, help="timestep bins in the report"
+    )
     parser.add_argument("--out", required=True, help="output folder")
 
 
@@ -111,18 +164,53 @@ def _load_data(args):
 
 
 def main(args) -> int:
-    """Run ``cpsample train-protector``; 0 on success, 2 on bad input."""
-    import torch
+    """Run ``cpsample train-protector``; 0 on success, 2 (one line on stderr) on bad input."""
+    from ..distributed import RankInfo, all_agree, init_process_group
 
+    info = RankInfo.from_env()
+    device = info.device(args.device or "auto")
+    own_group = init_process_group(info, device)
+    try:
+        return _run(args, info, device, all_agree)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"cpsample train-protector: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    finally:
+        if own_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args, info, device, all_agree) -> int:
     from ..io import ensure_writable_dir, write_json_atomic
     from ..protector import save_protector, train_protector
     from ..schedule import NoiseSchedule
+    from ..shards import OutputLock
+
+    out = ensure_writable_dir(args.out, "--out")
+    members, holdout = _load_data(args)
+    schedule = NoiseSchedule(args.num_train_timesteps, beta_schedule=SCHEDULES[args.schedule])
+    lock = OutputLock(out, "--out")
+    refusal = None
+    if info.rank == 0:
+        try:
+            lock.acquire()
+        except ValueError as err:
+            refusal = err
+    if not all_agree(info, refusal is None):
+        raise refusal or ValueError("rank 0 refused the run; see its message")
+    cleared: list[bool] = []
+
+    def clear_finished(step: int, metrics: dict) -> None:
+        # at the first step actually trained (not before: a refused run keeps the old files),
+        # the previous run's result files go, so the folder never looks finished mid-run
+        if not cleared and info.rank == 0:
+            for name in RESULT_FILES:
+                (out / name).unlink(missing_ok=True)
+        cleared.append(True)
 
     try:
-        out = ensure_writable_dir(args.out, "--out")
-        members, holdout = _load_data(args)
-        schedule = NoiseSchedule(args.num_train_timesteps, beta_schedule=SCHEDULES[args.schedule])
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         net, report = train_protector(
             members,
             schedule=schedule,
@@ -131,6 +219,7 @@ def main(args) -> int:
             label_seed=args.label_seed,
             steps=args.steps,
             batch_size=args.batch_size,
+            holdout_weight=args.holdout_weight,
             lr=args.lr,
             t_range=args.t_range,
             seed=args.seed,
@@ -141,24 +230,27 @@ def main(args) -> int:
             resume=not args.no_resume,
             progress=not args.no_progress,
             report_bins=args.report_bins,
+            callback=clear_finished,
         )
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"cpsample train-protector: {err}", file=sys.stderr)
-        return 2
-    weights = save_protector(out / "protector.safetensors", net, report)
-    report.to_json(out / "report.json")
-    report.plot(out / "report.png")
-    print(report.summary())
-    result = {
-        "protector": str(weights),
-        "sidecar": str(weights.with_suffix(".json")),
-        "report_json": str(out / "report.json"),
-        "report_png": str(out / "report.png"),
-        "members": int(members.shape[0]),
-        "holdout": 0 if holdout is None else int(holdout.shape[0]),
-        "steps_run": report.training["steps_run"],
-        "acting_range_95": report.acting_range(),
-    }
-    write_json_atomic(out / "result.json", result)
-    print(json.dumps(result))
-    return 0
+        if info.rank != 0:
+            return 0
+        weights = save_protector(out / "protector.safetensors", net, report)
+        report.to_json(out / "report.json")
+        report.plot(out / "report.png")
+        print(report.summary())
+        result = {
+            "protector": str(weights),
+            "sidecar": str(weights.with_suffix(".json")),
+            "report_json": str(out / "report.json"),
+            "report_png": str(out / "report.png"),
+            "members": int(members.shape[0]),
+            "holdout": 0 if holdout is None else int(holdout.shape[0]),
+            "steps_run": report.training["steps_run"],
+            "world_size": info.world_size,
+            "acting_range_95": report.acting_range(),
+        }
+        write_json_atomic(out / "result.json", result)  # last: the run is finished
+        print(json.dumps(result))
+        return 0
+    finally:
+        lock.release()

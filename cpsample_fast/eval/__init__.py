@@ -14,6 +14,8 @@ from .replication import (
     extract_features,
     nearest_neighbours,
     replication,
+    replication_sharded,
+    replication_stream,
     save_pairs_grid,
 )
 
@@ -30,6 +32,8 @@ __all__ = [
     "quality",
     "reconstruction_errors",
     "replication",
+    "replication_sharded",
+    "replication_stream",
     "save_pairs_grid",
     "train_feature_net",
     "z_test",

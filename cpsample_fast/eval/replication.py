@@ -16,6 +16,7 @@ for that (``faiss_threshold`` keys × dims) go to an exact faiss flat index inst
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -298,7 +299,16 @@ def replication(
         backend: ``"auto"``, ``"torch"`` or ``"faiss"`` (see :func:`nearest_neighbours`).
         feature_name: name recorded for the feature space (default: ``"pixels"`` or the
             extractor's class name).
+
+    ``generated`` may also be the output folder of a ``cpsample sample`` run (its verified
+    shards are read one at a time: :func:`replication_sharded`).
     """
+    if isinstance(generated, (str, os.PathLike)):
+        return replication_sharded(
+            generated, training, features=features, thresholds=thresholds, carlini_n=carlini_n,
+            carlini_alpha=carlini_alpha, carlini_delta=carlini_delta, chunk_size=chunk_size,
+            backend=backend, feature_name=feature_name,
+        )  # fmt: skip
     gen = as_image_batch(generated, "generated")
     train = as_image_batch(training, "training")
     _check_same_shape(gen, train, "generated", "training")
@@ -364,3 +374,133 @@ def save_pairs_grid(
         top_label="generated",
         bottom_label="nearest train",
     )
+
+
+# --------------------------------------------------------------------------- streaming, sharded
+
+
+class _KeyIndex:
+    """Training features, searchable batch after batch: a faiss flat index built once, or the
+    exact chunked torch search (see :func:`nearest_neighbours`)."""
+
+    def __init__(self, keys: torch.Tensor, metric: str, backend: str, chunk_size: int):
+        self.keys, self.metric, self.backend, self.chunk_size = keys, metric, backend, chunk_size
+        self.index = None
+        if backend == "faiss":
+            try:
+                import faiss
+            except ImportError:
+                raise ImportError(
+                    "backend='faiss' needs faiss: pip install faiss-cpu (or faiss-gpu)"
+                ) from None
+            kn = keys.float().numpy().copy()
+            if metric == "cosine":
+                faiss.normalize_L2(kn)
+                self.index = faiss.IndexFlatIP(kn.shape[1])
+            else:
+                self.index = faiss.IndexFlatL2(kn.shape[1])
+            self.index.add(kn)
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = max(1, min(int(k), self.keys.shape[0]))
+        if self.index is None:
+            return nearest_neighbours(
+                queries, self.keys, k, metric=self.metric, chunk_size=self.chunk_size,
+                backend="torch",
+            )  # fmt: skip
+        import faiss
+
+        qn = queries.float().numpy().copy()
+        if self.metric == "cosine":
+            faiss.normalize_L2(qn)
+        v, i = self.index.search(qn, k)
+        v = torch.from_numpy(v)
+        if self.metric == "l2":
+            v = v.clamp_min(0).sqrt()
+        return v, torch.from_numpy(i).long()
+
+
+def replication_stream(
+    batches,
+    training,  # [M, C, H, W]
+    *,
+    features: str | nn.Module | FeatureFn = "pixels",
+    thresholds: Sequence[float] = (0.95,),
+    carlini_n: int = 50,
+    carlini_alpha: float = 0.5,
+    carlini_delta: float = 1.0 / 3.0,
+    chunk_size: int = 1024,
+    backend: str = "auto",
+    feature_name: str | None = None,
+) -> ReplicationResult:
+    """:func:`replication` over generated images that arrive in batches (e.g. shards).
+
+    Holds the training features, one batch of generated images and the per-sample results
+    (a few numbers per sample), never all generated images. Same results as
+    :func:`replication` on the concatenated batches.
+
+    Args:
+        batches: iterable of ``[n, C, H, W]`` tensors or arrays.
+        others: as for :func:`replication`; with ``backend="faiss"`` the two flat indexes are
+            built once and searched batch after batch.
+    """
+    train = as_image_batch(training, "training")
+    thresholds = [check_threshold(t) for t in thresholds]
+    if not carlini_n >= 1 or not carlini_alpha > 0:
+        raise ValueError(
+            f"carlini_n must be >= 1 and carlini_alpha > 0, got {carlini_n}, {carlini_alpha}"
+        )
+    if backend not in ("auto", "torch", "faiss"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'faiss', got {backend!r}")
+    ft = extract_features(train, features, name="training")
+    used = backend
+    if backend == "auto":
+        big = ft.shape[0] * ft.shape[1] > FAISS_THRESHOLD
+        used = "faiss" if big and _faiss_available() else "torch"
+    cos_index = _KeyIndex(ft, "cosine", used, chunk_size)
+    l2_index = _KeyIndex(ft, "l2", used, chunk_size)
+    sims, idxs, ratios, didxs = [], [], [], []
+    for batch in batches:
+        gen = as_image_batch(batch, "generated")
+        _check_same_shape(gen, train, "generated", "training")
+        fg = extract_features(gen, features, name="generated")
+        if fg.shape[1] != ft.shape[1]:
+            raise ValueError(
+                f"feature dims differ: generated {fg.shape[1]}, training {ft.shape[1]}"
+            )
+        sim, idx = cos_index.search(fg, 1)
+        dist, didx = l2_index.search(fg, carlini_n)
+        ratios.append(dist[:, 0] / (carlini_alpha * dist.mean(1)).clamp_min(1e-12))
+        sims.append(sim[:, 0].clamp(-1.0, 1.0))
+        idxs.append(idx[:, 0])
+        didxs.append(didx[:, 0])
+    if not sims:
+        raise ValueError("generated is empty (no batches)")
+    sim, ratio = torch.cat(sims), torch.cat(ratios)
+    if feature_name is None:
+        feature_name = features if isinstance(features, str) else type(features).__name__
+    return ReplicationResult(
+        similarity=sim,
+        nearest_index=torch.cat(idxs),
+        rates={t: float((sim > t).float().mean()) for t in thresholds},
+        l2_ratio=ratio,
+        carlini_nearest_index=torch.cat(didxs),
+        carlini_rate=float((ratio < carlini_delta).float().mean()),
+        features=feature_name,
+        backend=used,
+        params={"n": min(carlini_n, ft.shape[0]), "alpha": carlini_alpha, "delta": carlini_delta},
+    )
+
+
+def replication_sharded(run_dir, training, **kwargs) -> ReplicationResult:
+    """:func:`replication_stream` over the shards of a finished ``cpsample sample`` run.
+
+    Every shard is verified (run identity and checksum, as listed in the run's manifest)
+    before it is used; one shard is in memory at a time. ``kwargs`` as for
+    :func:`replication` (``backend="faiss"`` for large training sets).
+    """
+    from ..shards import iter_shards, open_sharded_output
+
+    manifest = open_sharded_output(run_dir)
+    batches = (t["samples"] for _, t, _ in iter_shards(run_dir, manifest))
+    return replication_stream(batches, training, **kwargs)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,9 @@ from ..io import (
 # moment leaves either the old or the new checkpoint, never weights of one step with the
 # ``step`` of another. The ``.json`` sidecar is a readable copy written afterwards.
 _META_KEY = "cpsample_fast.meta"
+# Header key of the checksum of the tensor contents (names, dtypes, shapes, bytes): a flipped
+# bit in the weights makes ``load_checkpoint`` refuse the file instead of sampling from it.
+_SHA_KEY = "cpsample_fast.tensors_sha256"
 TRAIN_STATE_FORMAT = "cpsample_fast.train-diffusion-state/1"
 
 
@@ -66,9 +70,13 @@ def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> No
     The safetensors rename is the commit: :func:`load_checkpoint` reads ``meta`` from the header,
     so a kill before the sidecar is replaced leaves a stale sidecar but a consistent checkpoint.
     """
+    from ..shards import content_sha256
+
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(meta, sort_keys=True, allow_nan=False)
-    save_safetensors_atomic(path, tensors, metadata={_META_KEY: text})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {_META_KEY: text, _SHA_KEY: content_sha256(tensors)}
+    save_safetensors_atomic(path, tensors, metadata=header)
     write_json_atomic(path.with_suffix(".json"), meta)
 
 
@@ -99,16 +107,38 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.
         ``(groups, meta)``: tensors grouped by prefix (``groups["model"]`` is a state dict) and
         the metadata: from the safetensors header when it carries it (written in the same
         atomic rename as the tensors), else from the JSON sidecar (older files).
+
+    Raises:
+        ValueError: the file is unreadable (e.g. truncated), or its tensors do not match the
+            checksum in its header (a corrupted or modified file). A file without a checksum
+            (written before checksums existed) loads with a warning.
     """
+    from ..shards import content_sha256
+
     path = refuse_pickle(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    flat = load_safetensors(path)
+    try:
+        flat = load_safetensors(path)
+        header = safetensors_metadata(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt): {exc}") from None
+    if _SHA_KEY in header:
+        if content_sha256(flat) != header[_SHA_KEY]:
+            raise ValueError(
+                f"checkpoint {path} is corrupt: its tensors do not match the checksum in its "
+                "header; restore it from a good copy"
+            )
+    else:
+        warnings.warn(
+            f"checkpoint {path} has no content checksum (an old file), so it cannot be verified; "
+            "save it again with cpsample_fast.models.save_checkpoint to add one",
+            stacklevel=2,
+        )
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in flat.items():
         prefix, _, name = k.partition(".")
         groups.setdefault(prefix, {})[name] = v
-    header = safetensors_metadata(path)
     if _META_KEY in header:
         meta = json.loads(header[_META_KEY])
     else:

@@ -6,13 +6,22 @@ images, when given, are pulled toward the soft target 1/2. Every random draw (ba
 timesteps, noise, the default network's initialisation) comes from generators seeded by
 ``seed``; the training generator's state is checkpointed with the weights and the optimiser,
 so a run killed and resumed ends with the same weights as an uninterrupted one.
+
+Under ``torchrun`` (a ``torch.distributed`` process group is initialised; gloo on CPU, NCCL on
+GPU) the model is wrapped in ``DistributedDataParallel``. Every rank draws the same *global*
+batch from the same generator and computes the loss of its slice, scaled so that the averaged
+gradient is the gradient of the global-batch loss: labels, fingerprint and (to float tolerance)
+the weights are the same whatever the world size, and a state written with one world size
+resumes under another. Only rank 0 writes checkpoints. The maths is docs/ALGORITHM.md §2.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -40,12 +49,43 @@ from .report import ProtectorReport, evaluate_protector, noised, timestep_bins
 CHECKPOINT_FORMAT = "cpsample_fast.protector/1"
 TRAIN_STATE_FORMAT = "cpsample_fast.protector-train-state/1"
 _STATE_JSON = "train_state.json"
+# The only file names a train_state.json pointer may name (same folder, no path parts).
+_WEIGHTS_RE = re.compile(r"train_state-\d{9}\.safetensors")
 
 
 def _check_int(name: str, value: Any, lo: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
     return value
+
+
+def _check_finite(name: str, value: Any, lo: float, *, strict: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or (v <= lo if strict else v < lo):
+        raise ValueError(
+            f"{name} must be a finite number {'>' if strict else '>='} {lo:g}, got {v}"
+        )
+    return v
+
+
+def _check_seed(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
+    return value
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised default process group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _timestep_sampler(
@@ -165,11 +205,6 @@ def _save_train_state(
     tensors["rng.train"] = gen.get_state()
     name = f"train_state-{step:09d}.safetensors"
     save_safetensors_atomic(ckpt_dir / name, tensors)
-    old = (
-        read_json(ckpt_dir / _STATE_JSON).get("weights")
-        if (ckpt_dir / _STATE_JSON).is_file()
-        else None
-    )
     write_json_atomic(
         ckpt_dir / _STATE_JSON,
         {
@@ -181,8 +216,11 @@ def _save_train_state(
             "progress": progress_state,
         },
     )
-    if old and old != name:
-        (ckpt_dir / old).unlink(missing_ok=True)
+    # Older states are found by listing the folder, never by reading a path from the pointer
+    # (a tampered pointer must not be able to delete anything, least of all outside it).
+    for p in ckpt_dir.iterdir():
+        if p.name != name and _WEIGHTS_RE.fullmatch(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
 
 
 def _load_train_state(ckpt_dir: Path, identity: dict) -> tuple[dict, dict] | None:
@@ -203,7 +241,21 @@ def _load_train_state(ckpt_dir: Path, identity: dict) -> tuple[dict, dict] | Non
             f"checkpoint_dir {str(ckpt_dir)!r} holds a training run with different settings "
             f"({', '.join(diff)}); pass resume=False to start over or use another checkpoint_dir"
         )
-    return state, load_safetensors(ckpt_dir / state["weights"])
+    name = state.get("weights")
+    if not isinstance(name, str) or not _WEIGHTS_RE.fullmatch(name):
+        raise ValueError(
+            f"{str(pointer)!r} names weights {name!r}, not a train_state-NNNNNNNNN.safetensors "
+            "file in its own folder; refusing (the pointer was modified)"
+        )
+    try:
+        return state, load_safetensors(ckpt_dir / name)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(
+            f"training state {str(ckpt_dir / name)!r} is unreadable ({exc}); pass resume=False "
+            "to start over"
+        ) from None
 
 
 def train_protector(
@@ -290,8 +342,18 @@ def train_protector(
     hb = _check_int("holdout_batch_size", max(hb, 1) if h is not None else 1)
     every = max(steps // 10, 1) if checkpoint_every is None else checkpoint_every
     every = _check_int("checkpoint_every", every)
-    if not float(lr) > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
+    lr = _check_finite("lr", lr, 0.0, strict=True)
+    holdout_weight = _check_finite("holdout_weight", holdout_weight, 0.0)
+    weight_decay = _check_finite("weight_decay", weight_decay, 0.0)
+    report_bins = _check_int("report_bins", report_bins)
+    seed = _check_seed("seed", seed)
+    label_seed = _check_seed("label_seed", label_seed)
+    rank, world = _dist_rank_world()
+    if batch_size < world:
+        raise ValueError(
+            f"batch_size ({batch_size}) must be >= the number of processes ({world}): every "
+            "rank trains on a slice of each global batch"
+        )
     if target_accuracy is not None and not 0.0 < float(target_accuracy) <= 1.0:
         raise ValueError(f"target_accuracy must be in (0, 1], got {target_accuracy!r}")
     if not hasattr(schedule, "alphas_cumprod"):
@@ -346,9 +408,26 @@ def train_protector(
             )
             gen.set_state(tensors["rng.train"])
             step = int(state["step"])
+            if step > steps:
+                raise ValueError(
+                    f"checkpoint_dir {str(ckpt_dir)!r} holds this run at step {step}, past "
+                    f"steps={steps}; pass steps >= {step} to continue it, resume=False "
+                    "(--no-resume) to start over, or another checkpoint_dir"
+                )
             p = state["progress"]
             running_acc, loss_value = p["running_accuracy"], p["loss"]
             stopped_early, last_eval = p["stopped_early"], p["target_accuracy_measured"]
+
+    # DDP: every rank draws the global batch below and trains on its slice of it
+    model: nn.Module = net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    my_rows = torch.tensor_split(torch.arange(batch_size), world)[rank]
+    my_hrows = torch.tensor_split(torch.arange(hb), world)[rank] if h is not None else None
 
     x_dev = x.to(device)
     h_dev = None if h is None else h.to(device)
@@ -357,44 +436,65 @@ def train_protector(
     eval_x, eval_y = x[:report_max_images], labels[:report_max_images]
 
     def eval_target() -> float:
-        res = evaluate_protector(net, eval_x, eval_y, ac, list(target_t_range), seed=seed + 1)
+        res = evaluate_protector(
+            net, eval_x, eval_y, ac, list(target_t_range), seed=(seed + 1) % 2**64
+        )
         return res["accuracy"][0]
 
     started = time.perf_counter()
-    bar = tqdm(total=steps, initial=step, disable=not progress, desc="protector", leave=False)
+    bar = tqdm(
+        total=steps, initial=step, disable=not progress or rank != 0, desc="protector", leave=False
+    )
     net.train()
     while step < steps and not stopped_early:
+        # the global batch, drawn identically on every rank (and as by a single process)
         idx = torch.randint(0, n, (batch_size,), generator=gen)
         t = sample_t(batch_size, gen)
         eps = torch.randn((batch_size, *x.shape[1:]), generator=gen)
+        if world > 1:
+            idx, t, eps = idx[my_rows], t[my_rows], eps[my_rows]
         xs = noised(x_dev[idx.to(device)], t.to(device), eps.to(device), ac_dev)
         ts = t
         if h_dev is not None:
             hidx = torch.randint(0, h_dev.shape[0], (hb,), generator=gen)
             ht = sample_t(hb, gen)
             heps = torch.randn((hb, *x.shape[1:]), generator=gen)
+            if world > 1:
+                hidx, ht, heps = hidx[my_hrows], ht[my_hrows], heps[my_hrows]
             xh = noised(h_dev[hidx.to(device)], ht.to(device), heps.to(device), ac_dev)
             xs, ts = torch.cat([xs, xh]), torch.cat([t, ht])
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = net(xs, ts.to(device))
-        logits = logits.float()  # [B (+ hb)]
+            logits = model(xs, ts.to(device))
+        logits = logits.float()  # [b (+ hb)] this rank's rows
+        mb = idx.shape[0]
         y = y_dev[idx.to(device)]
-        loss = F.binary_cross_entropy_with_logits(logits[:batch_size], y)
+        # sums over this rank's rows, over the global batch sizes: the ranks' parts add up to
+        # the single-process loss (mean over members + weight · mean over hold-out)
+        loss = F.binary_cross_entropy_with_logits(logits[:mb], y, reduction="sum") / batch_size
         if h_dev is not None:
             # Soft target 1/2: minimised at logit 0, i.e. no opinion about non-members.
-            half = torch.full_like(logits[batch_size:], 0.5)
-            loss = loss + holdout_weight * F.binary_cross_entropy_with_logits(
-                logits[batch_size:], half
+            half = torch.full_like(logits[mb:], 0.5)
+            loss = (
+                loss
+                + holdout_weight
+                * F.binary_cross_entropy_with_logits(logits[mb:], half, reduction="sum")
+                / hb
             )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # DDP averages gradients over ranks; scaling by the world size makes that the sum
+        (loss * world if world > 1 else loss).backward()
         opt.step()
         step += 1
 
-        batch_acc = float(((logits[:batch_size].detach() > 0).float() == y).float().mean())
+        correct = ((logits[:mb].detach() > 0).float() == y).float().sum()
+        parts = torch.stack([loss.detach().double(), correct.double()])
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(parts)
+        loss_value, batch_acc = float(parts[0]), float(parts[1]) / batch_size
         running_acc = 0.95 * running_acc + 0.05 * batch_acc
-        loss_value = float(loss.detach())
-        if not torch.isfinite(loss.detach()):
+        if not math.isfinite(loss_value):
             raise ValueError(f"training diverged at step {step} (loss {loss_value}); lower lr")
         if target_accuracy is not None and (step % eval_every == 0 or step == steps):
             last_eval = eval_target()
@@ -405,7 +505,8 @@ def train_protector(
             metrics["target_accuracy_measured"] = last_eval
         bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{running_acc:.3f}")
         bar.update(1)
-        if ckpt_dir is not None and (step % every == 0 or step == steps or stopped_early):
+        save_now = step % every == 0 or step == steps or stopped_early
+        if ckpt_dir is not None and rank == 0 and save_now:
             _save_train_state(
                 ckpt_dir,
                 step,
@@ -423,13 +524,21 @@ def train_protector(
         if callback is not None:
             callback(step, metrics)
     bar.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0's last checkpoint is on disk before any rank returns
     seconds = time.perf_counter() - started
     net.eval()
 
     edges = timestep_bins(0, T, report_bins)
     k = report_max_images
-    member = evaluate_protector(net, x[:k], labels[:k], ac, edges, seed=seed + 2)
-    hold = None if h is None else evaluate_protector(net, h[:k], None, ac, edges, seed=seed + 3)
+    member = evaluate_protector(net, x[:k], labels[:k], ac, edges, seed=(seed + 2) % 2**64)
+    hold = (
+        None
+        if h is None
+        else evaluate_protector(net, h[:k], None, ac, edges, seed=(seed + 3) % 2**64)
+    )
     training = {
         "steps": steps,
         "steps_run": step,
