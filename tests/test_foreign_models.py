@@ -31,11 +31,15 @@ class UNetEps(nn.Module):
         super().__init__()
         torch.manual_seed(101)
         self.unet = diffusers.UNet2DModel(
-            sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
-            layers_per_block=1, norm_num_groups=8,
+            sample_size=8,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
             down_block_types=("DownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "UpBlock2D"),
-        )  # fmt: skip
+        )
 
     def forward(self, x, t):
         return self.unet(x, t).sample
@@ -49,9 +53,13 @@ class ConvProtector(nn.Module):
         super().__init__()
         torch.manual_seed(202)
         self.body = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.SiLU(),
-            nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.GroupNorm(4, 16), nn.SiLU(),
-        )  # fmt: skip
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.GroupNorm(4, 16),
+            nn.SiLU(),
+            nn.Conv2d(16, 16, 3, stride=2, padding=1),
+            nn.GroupNorm(4, 16),
+            nn.SiLU(),
+        )
         self.head = nn.Linear(17, 1)
         with torch.no_grad():
             self.head.weight.mul_(8.0)  # confident enough that some gates open
@@ -69,8 +77,10 @@ def _base():
     if "models" not in _CACHE:
         _CACHE["models"] = (UNetEps().eval(), ConvProtector().eval())
         gen = torch.Generator().manual_seed(7)
-        _CACHE["noise"] = (torch.randn(SHAPE, generator=gen),
-                           torch.randn((STEPS, *SHAPE), generator=gen))  # fmt: skip
+        _CACHE["noise"] = (
+            torch.randn(SHAPE, generator=gen),
+            torch.randn((STEPS, *SHAPE), generator=gen),
+        )
     return _CACHE["models"], _CACHE["noise"]
 
 
@@ -89,9 +99,16 @@ def _exact(clip: bool):
     if key not in _CACHE:
         unet, prot = _models(torch.float64, False)
         _, (noise, step_noise) = _base()
-        _CACHE[key] = reference_sample(unet, prot, NoiseSchedule(clip_sample=clip), SHAPE,
-                                       noise=noise, step_noise=step_noise,
-                                       dtype=torch.float64, **KW)  # fmt: skip
+        _CACHE[key] = reference_sample(
+            unet,
+            prot,
+            NoiseSchedule(clip_sample=clip),
+            SHAPE,
+            noise=noise,
+            step_noise=step_noise,
+            dtype=torch.float64,
+            **KW,
+        )
     return _CACHE[key]
 
 
@@ -110,8 +127,10 @@ CELLS = [
 
 def _ids(cell):
     dtype, cl, compile_, clip = cell
-    return (f"{dtype}-{'cl' if cl else 'contig'}-{'compile' if compile_ else 'eager'}-"
-            f"{'clip' if clip else 'noclip'}")  # fmt: skip
+    return (
+        f"{dtype}-{'cl' if cl else 'contig'}-{'compile' if compile_ else 'eager'}-"
+        f"{'clip' if clip else 'noclip'}"
+    )
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=_ids)
@@ -121,8 +140,9 @@ def test_foreign_models_match_reference(cell):
     unet, prot = _models(dtype, cl)
     _, (noise, step_noise) = _base()
     schedule = NoiseSchedule(clip_sample=clip)
-    ref, trace = reference_sample(unet, prot, schedule, SHAPE, noise=noise, step_noise=step_noise,
-                                  return_trace=True, **KW)  # fmt: skip
+    ref, trace = reference_sample(
+        unet, prot, schedule, SHAPE, noise=noise, step_noise=step_noise, return_trace=True, **KW
+    )
     assert trace.gate.any() and not trace.gate.all(), trace.gate  # some samples gated, some not
     torch._dynamo.reset()
     sampler = CPSampler(unet, prot, schedule, compile=compile_, **KW)
