@@ -49,8 +49,9 @@ def test_subset_protection(setup):
     assert plain >= 0.15  # the memoriser copies P without protection
     # the diagnosis: the pre-fix step attracts copies of P when the clip bites
     assert rows["old repel s=300 clip"][0] >= 2 * plain
-    # the clip-consistent step no longer attracts: a strong always-on repel at most randomises
-    # the endpoint (chance = |P|/|A| = 1/3), where the old step sent every sample to P
+    # the clip-consistent step no longer sends every sample to P: a strong always-on repel
+    # roughly randomises the endpoint (chance = |P|/|A| = 1/3; measured 0.313 at s=300, but
+    # 0.393 at s=1000: the clip cuts the shift asymmetrically, so it is not protection either)
     assert rows["new repel s=300 clip"][0] <= 1 / 3 + 0.05
     # a gated entropy setting protects with the clip on (measured: 0.147 vs 0.253, a 42% cut);
     # without clipping repel s=1000 cuts ~79% (0.053 vs 0.253)
