@@ -497,3 +497,38 @@ def test_gate_is_exact_at_the_boundary(alpha):
             return_trace=True,
         )
         assert bool(trace.gate[0, 0]) == (1.0 / (1.0 + math.exp(abs(f))) < alpha)
+
+
+@pytest.mark.parametrize("p", [0, 1, 2])
+@pytest.mark.parametrize("clipped_eps", [False, True])
+def test_backward_of_the_rule_matches_autograd(p, clipped_eps):
+    """The op's hand-written backward (``_torch.guided_update_backward``) equals autograd of
+    the torch forward, with the clip active on some elements and both flags."""
+    from cpsample_fast.ops import _torch as torch_impl
+
+    coefs = _coefs(0.3, 0.4, eta=0.5)
+    x, o, g = _mixed_case(coefs)
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(9))
+    gy = torch.randn(SHAPE, generator=torch.Generator().manual_seed(10))
+    leaves = [t.clone().requires_grad_(True) for t in (x, o, g, z)]
+    out = ops.guided_update(
+        *leaves,
+        coefs,
+        torch.tensor([0, 0, 0]),
+        prediction_type=p,
+        clip_sample=True,
+        draw_noise=False,
+        backend="torch",
+        use_clipped_model_output=clipped_eps,
+    )
+    grads = torch.autograd.grad(out, leaves, gy)
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    ref_out = torch_impl.guided_update(*ref_leaves, coefs, None, p, True, False, clipped_eps)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, gy)
+    for name, a, b in zip(("x", "model_out", "guidance", "noise"), grads, ref_grads):
+        err = (a - b).abs().max().item()
+        assert err <= 1e-5 * max(b.abs().max().item(), 1.0), (name, err)
+    torch.library.opcheck(
+        torch.ops.cpsample.guided_update.default,
+        (*leaves, coefs, torch.tensor([0, 0, 0]), p, True, False, "torch", clipped_eps),
+    )
