@@ -87,7 +87,7 @@ def copy_rates(x, P, rest):
     )
 
 
-def run(A, P, rest, protector, *, clip, mode, scale, alpha, n=200, seed=1, rule="new"):
+def run(A, P, rest, protector, *, clip, mode, scale, alpha, n=200, seed=1, rule="new", **kw):
     schedule = NoiseSchedule(clip_sample=clip)
     model = EmpiricalDenoiser(A, schedule)
     sampler = CPSampler(
@@ -99,6 +99,7 @@ def run(A, P, rest, protector, *, clip, mode, scale, alpha, n=200, seed=1, rule=
         alpha=alpha if scale else None,
         mode=mode,
         backend="torch",
+        **kw,
     )
     saved = _gu._IMPLS["torch"]
     if rule == "old":
