@@ -116,8 +116,8 @@ def run(A, P, rest, protector, *, clip, mode, scale, alpha, n=200, seed=1, rule=
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--n", type=int, default=200)
-    ap.add_argument("--train-steps", type=int, default=400)
+    ap.add_argument("--n", type=int, default=150)
+    ap.add_argument("--train-steps", type=int, default=1000)
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
