@@ -1,9 +1,10 @@
-"""The clip-consistent guided step (docs/CONTRACTS.md "The fused update", issue 8 item 1).
+"""Guidance after the clip (docs/ALGORITHM.md §3 step 6, docs/CONTRACTS.md "The fused update").
 
-``Δ = clip(x0g) - clip(x0)``, ``x̂0 = clip(x0g)``, ``ε̂ = ε - (sa/s1)·Δ``: the guidance's effect
-on ``x_{t'}`` is ``(sp - d·sa/s1)·Δ``, a positive multiple of the clipped shift of x̂0, so a
-guided step never moves towards confidence; ``G = 0`` is diffusers' step bit for bit. Also
-diffusers' ``use_clipped_model_output``, NaN through every clip, and the exact gate.
+``x̂0 = clip(x0) - (s1/sa)·G``, ``ε̂ = ε + G``: the clip acts on the model's own x̂0 as in
+diffusers, and the guidance's effect on ``x_{t'}`` is ``(sp - d·sa/s1)·shift`` with
+``shift = -(s1/sa)·G`` the move of x̂0, a positive multiple whatever the clip did, so a guided
+step never moves towards confidence; ``G = 0`` is diffusers' step bit for bit. Also diffusers'
+``use_clipped_model_output``, NaN through every clip, and the exact gate.
 """
 
 from __future__ import annotations
@@ -88,12 +89,9 @@ def _rule_f32(x, o, g, z, coefs, clip_sample=True):
     """The rule written plainly in float32 (epsilon prediction), as reference.py writes it."""
     sa, s1, sp, d, sigma, c = coefs.unbind(0)
     x0 = (x - s1 * o) / sa
-    x0g = x0 - (s1 / sa) * g
-    if not clip_sample:
-        return sp * x0g + d * (o + g) + sigma * z
-    x0_hat = x0g.clamp(-c, c)
-    eps_hat = o - (sa / s1) * (x0_hat - x0.clamp(-c, c))
-    return sp * x0_hat + d * eps_hat + sigma * z
+    if clip_sample:
+        x0 = x0.clamp(-c, c)
+    return sp * (x0 - (s1 / sa) * g) + d * (o + g) + sigma * z
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -114,9 +112,9 @@ def test_every_backend_applies_the_rule_elementwise(backend):
     err = (out - want).abs().max().item()
     print(f"{backend}: max |op - plain rule| = {err:.2e}")
     assert err <= 4e-6 * max(want.abs().max().item(), 1.0)
-    # the old step (ε + G whatever the clip did) differs exactly where the clip cut the shift
-    old = _rule_f32(x, o, g, z, coefs, clip_sample=False)
-    old = old - float(coefs[2]) * (x0g - x0g.clamp(-c, c))
+    # the pre-fix step (x̂0 = clip(x0g), ε̂ = ε + G) differs where the clip cut the shift
+    sp, d, sigma = (float(v) for v in coefs[2:5])
+    old = sp * x0g.clamp(-c, c) + d * (o + g) + sigma * z
     assert (out - old).abs().max() > 1e-2
     # gated samples (G = 0) take the unguided step bit for bit
     plain = _update(backend, x, o, None, z, coefs)
@@ -140,13 +138,12 @@ def test_rule_in_float64_closed_form():
     ]
     want = []
     for x0, shift, eps in cases:
-        clip = min(max(x0 + shift, -1.0), 1.0)
-        delta = clip - min(max(x0, -1.0), 1.0)
-        eps_hat = eps - (sa / s1) * delta
-        want.append(sp * clip + d * eps_hat)
-        # total effect of the guidance = (sp - d·sa/s1)·Δ, with a positive coefficient
+        x0_hat = min(max(x0, -1.0), 1.0) + shift  # the guidance acts after the clip
+        eps_hat = eps - (sa / s1) * shift  # G = -(sa/s1)·shift
+        want.append(sp * x0_hat + d * eps_hat)
+        # total effect of the guidance = (sp - d·sa/s1)·shift, with a positive coefficient
         base = sp * min(max(x0, -1.0), 1.0) + d * eps
-        assert math.isclose(want[-1] - base, (sp - d * sa / s1) * delta, abs_tol=1e-12)
+        assert math.isclose(want[-1] - base, (sp - d * sa / s1) * shift, abs_tol=1e-12)
     assert sp - d * sa / s1 > 0
     x0 = torch.tensor([c[0] for c in cases], dtype=torch.float64)
     eps = torch.tensor([c[2] for c in cases], dtype=torch.float64)
@@ -161,7 +158,7 @@ def test_rule_in_float64_closed_form():
 
 
 def test_effect_coefficient_is_positive_on_every_step():
-    """sp - d·sa/s1 > 0 whenever ᾱ' > ᾱ_t: the step moves along Δ, never against it."""
+    """sp - d·sa/s1 > 0 whenever ᾱ' > ᾱ_t: the step moves along the guidance's shift of x̂0."""
     for config in [
         {},
         {"beta_schedule": "squaredcos_cap_v2"},
@@ -247,7 +244,7 @@ def test_clipped_model_output_formula(backend, p):
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
     sa, s1, sp, d, sigma, c = coefs.unbind(0)
     x0 = {0: (x - s1 * o) / sa, 1: sa * x - s1 * o, 2: o}[p]
-    x0_hat = (x0 - (s1 / sa) * g).clamp(-c, c)
+    x0_hat = x0.clamp(-c, c) - (s1 / sa) * g
     want = sp * x0_hat + d * ((x - sa * x0_hat) / s1) + sigma * z
     out = _update(backend, x, o, g, z, coefs, p=p, clipped_eps=True)
     err = (out - want).abs().max().item()
@@ -390,10 +387,11 @@ def test_sampler_equals_reference_on_every_backend(mode, clipped_eps):
 def test_clipped_guided_step_never_raises_confidence(mode):
     """One step with d = √(1-ᾱ') ≈ 0.95 (t = 500 → 480 of 50 steps), most x̂0 pixels saturated.
 
-    With ``f`` linear, guidance changes ``f(x_{t'})`` by ``(sp - d·sa/s1)·<w, Δ>``, and ``Δ``
-    is a clipped, hence same-signed and shorter, copy of ``-(s1/sa)·G``, so for every sample
-    ``sign(f)·(f_guided - f_plain) <= 0``; averaged over many noises ``|f|`` drops. The old step
-    (``ε + G`` whatever the clip did) raised it: its d·G term points towards confidence."""
+    With ``f`` linear, guidance changes ``f(x_{t'})`` by ``-(sp - d·sa/s1)·(s1/sa)·<w, G>``
+    whatever the clip did, so for every sample ``sign(f)·(f_guided - f_plain) <= 0`` at any scale;
+    at a scale whose step does not overshoot ``f = 0``, averaged over many noises ``|f|`` drops.
+    The pre-fix step (x̂0 = clip(x0g), ``ε + G``) raised it: where the clip cut the x̂0 move, its
+    d·G term points towards confidence."""
     schedule = NoiseSchedule()
     n = 50
     k = list(schedule.timesteps(n).tolist()).index(500)
@@ -423,7 +421,7 @@ def test_clipped_guided_step_never_raises_confidence(mode):
     x = ac[t].sqrt() * x0_true + (1 - ac[t]).sqrt() * eps_true
     o = eps_true + 0.3 * torch.randn((B, *SHAPE[1:]), generator=gen)  # an imperfect model
     f = prot(x, None).detach()
-    scale_t = torch.tensor(200.0) * coefs[1]
+    scale_t = torch.tensor(10.0) * coefs[1]  # a step that does not overshoot f = 0
     cseed, _, m = guidance.guidance_seed(f, scale_t, 0.4, mode)
     assert m.float().mean() > 0.5
     G = cseed.view(B, 1, 1, 1) * w  # the VJP of a linear protector

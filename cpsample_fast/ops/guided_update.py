@@ -332,10 +332,10 @@ def guided_update(
 ) -> torch.Tensor:
     """Fused CPSample update ``x_t → x_{t'}`` (docs/ALGORITHM.md §3; docs/CONTRACTS.md).
 
-    Computes ``x̂0 = x0 - (s1/sa)·G`` (clipped to ±clip_range when ``clip_sample``), the
-    clip-consistent ``ε̂`` (``ε - (sa/s1)·(x̂0 - clip(x0))`` with clipping and guidance, ``ε + G``
-    without clipping, ``ε`` without guidance) and ``x_{t'} = sp·x̂0 + d·ε̂ + σ·z`` per element in
-    float32, where ``(x0, ε)`` come from ``model_out`` by ``prediction_type``.
+    Computes ``x̂0 = clip(x0) - (s1/sa)·G`` (the clip only when ``clip_sample``: guidance acts
+    after it), ``ε̂ = ε + G`` (or ``(x - sa·x̂0)/s1`` with ``use_clipped_model_output``) and
+    ``x_{t'} = sp·x̂0 + d·ε̂ + σ·z`` per element in float32, where ``(x0, ε)`` come from
+    ``model_out`` by ``prediction_type``.
 
     Args:
         x: ``[B, ...]`` float32, any strides (row-major needs no copy).
