@@ -59,6 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the whole step")
     p.add_argument("--bf16", action="store_true", help="run both models in bfloat16")
     p.add_argument("--channels-last", action="store_true", help="models in channels_last")
+    p.add_argument(
+        "--use-clipped-model-output",
+        action="store_true",
+        help="derive the direction term's eps from the clipped x0 on every step, as diffusers' "
+        "DDIMScheduler.step(use_clipped_model_output=True)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument(
         "--output",
@@ -146,6 +152,7 @@ def _run(args, info, device) -> int:
         mode=args.mode,
         backend=args.backend,
         compile=args.compile,
+        use_clipped_model_output=args.use_clipped_model_output,
     )
     shape_chw = _sample_shape(eps_model, protector)
     if protector is not None:
@@ -233,6 +240,7 @@ def _sample_and_merge(args, info, device, out, sampler, protector, shape_chw, pl
             "backend": args.backend,
             "compile": args.compile,
             "bf16": args.bf16,
+            "use_clipped_model_output": args.use_clipped_model_output,
             "world_size": info.world_size,
             "device": str(device),
             "run_id": run,
@@ -401,6 +409,8 @@ def _manifest(args, shape_chw) -> dict:
             "mode", "seed", "bf16", "channels_last")  # fmt: skip
     manifest = {k: getattr(args, k) for k in keys}
     manifest["shape"] = list(shape_chw)
+    if args.use_clipped_model_output:  # only when set: earlier runs' manifests stay valid
+        manifest["use_clipped_model_output"] = True
     for k in ("model", "protector"):
         value = getattr(args, k)
         if value and Path(value).exists():

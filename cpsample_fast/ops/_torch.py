@@ -17,6 +17,17 @@ PREDICTION_V = 1
 PREDICTION_SAMPLE = 2
 
 
+def _x0_eps(x, model_out, sa, s1, prediction_type):
+    """The model's own ``(x̂0, ε)`` per prediction type (docs/CONTRACTS.md)."""
+    if prediction_type == PREDICTION_EPSILON:
+        return (x - s1 * model_out) / sa, model_out
+    if prediction_type == PREDICTION_V:
+        return sa * x - s1 * model_out, sa * model_out + s1 * x
+    if prediction_type == PREDICTION_SAMPLE:
+        return model_out, (x - sa * model_out) / s1
+    raise ValueError(f"prediction_type must be 0, 1 or 2, got {prediction_type}")
+
+
 def guided_update(
     x: torch.Tensor,  # [B, ...] float32, x_t
     model_out: torch.Tensor,  # [B, ...] float32, raw eps-model output
@@ -27,32 +38,29 @@ def guided_update(
     prediction_type: int,
     clip_sample: bool,
     draw_noise: bool,
+    use_clipped_model_output: bool = False,
 ) -> torch.Tensor:
-    """One fused CPSample/DDIM update ``x_t → x_{t'}`` (SPEC §3 steps 5–7; CONTRACTS formula).
+    """One fused CPSample/DDIM update ``x_t → x_{t'}`` (docs/CONTRACTS.md "The fused update").
 
+    Guidance after the clip (docs/ALGORITHM.md §3 step 6): ``x̂0 = clip(x0) - (s1/sa)·G`` and
+    ``ε̂ = ε + G``; the clip acts on the model's own x̂0 exactly as in diffusers' step, and the
+    guidance moves the (x̂0, ε) pair consistently whatever the clip did. Without guidance this is
+    diffusers' step bit for bit. With ``use_clipped_model_output``, ``ε̂ = (x - sa·x̂0)/s1``.
     Inputs are assumed validated (see ``ops.guided_update.check_guided_update_args``).
 
     Returns:
         float32 ``[B, ...]``: ``x_{t'} = sp·x̂0 + d·ε̂ + σ·z``.
     """
     sa, s1, sp, d, sigma, clip_range = coefs.unbind(0)
-    if prediction_type == PREDICTION_EPSILON:
-        eps = model_out
-        x0 = (x - s1 * model_out) / sa
-    elif prediction_type == PREDICTION_V:
-        x0 = sa * x - s1 * model_out
-        eps = sa * model_out + s1 * x
-    elif prediction_type == PREDICTION_SAMPLE:
-        x0 = model_out
-        eps = (x - sa * model_out) / s1
-    else:
-        raise ValueError(f"prediction_type must be 0, 1 or 2, got {prediction_type}")
-    if guidance is not None:
-        eps = eps + guidance
-        # == (x - s1·ε̂)/sa, without cancelling two large terms when G dominates.
-        x0 = x0 - (s1 / sa) * guidance
+    x0, eps = _x0_eps(x, model_out, sa, s1, prediction_type)
     if clip_sample:
         x0 = torch.clamp(x0, -clip_range, clip_range)
+    if guidance is not None:
+        # == (x - s1·(ε + G))/sa for an unclipped x̂0, without cancelling two large terms.
+        x0 = x0 - (s1 / sa) * guidance
+        eps = eps + guidance
+    if use_clipped_model_output:
+        eps = (x - sa * x0) / s1
     out = sp * x0 + d * eps
     if noise is None and draw_noise:
         seed, step, sample_offset = rng.unbind(0)
@@ -70,14 +78,16 @@ def guided_update_backward(
     coefs: torch.Tensor,  # [6] float32
     prediction_type: int,
     clip_sample: bool,
+    use_clipped_model_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``guided_update`` w.r.t. ``x``, ``model_out``, ``guidance`` and ``noise``.
 
-    The update is linear in each input except for the clamp, whose gradient passes where
-    ``-c <= x̂0 <= c`` (as ``torch.clamp``). With ``(∂x0/∂x, ∂x0/∂o, ∂ε/∂x, ∂ε/∂o)`` per
-    prediction type, ``∂x̂0/∂G = -s1/sa`` and ``∂ε̂/∂G = 1``:
-    ``gx = sp·m·gy·∂x0/∂x + d·gy·∂ε/∂x`` (likewise for ``o``), ``gG = -(s1/sa)·sp·m·gy + d·gy``
-    and ``gz = σ·gy``. Coefficients and the RNG state get no gradient.
+    With ``gy = dL/dx_{t'}``: ``x̂0 = clip(x0) - (s1/sa)·G`` gets ``dL/dx̂0 = sp·gy`` and
+    ``ε̂`` gets ``d·gy``; with ``use_clipped_model_output`` (``ε̂ = (x - sa·x̂0)/s1``) ``x̂0`` gets
+    ``(sp - d·sa/s1)·gy``, ``x`` a direct ``(d/s1)·gy`` and the model's ε nothing. The clamp's
+    gradient passes where ``-c <= x0 <= c`` (as ``torch.clamp``), ``dL/dG = -(s1/sa)·dL/dx̂0``
+    (+ ``dL/dε̂`` when ``ε̂ = ε + G``), then the chain rule through ``(x0, ε)`` of the prediction
+    type. Coefficients and the RNG state get no gradient.
 
     Returns:
         ``(grad_x, grad_model_out, grad_guidance, grad_noise)``, each like ``x``.
@@ -85,19 +95,23 @@ def guided_update_backward(
     sa, s1, sp, d, sigma, clip_range = coefs.unbind(0)
     if prediction_type not in (PREDICTION_EPSILON, PREDICTION_V, PREDICTION_SAMPLE):
         raise ValueError(f"prediction_type must be 0, 1 or 2, got {prediction_type}")
-    g_x0 = grad_out * sp  # dL/dx̂0
+    grad_x_direct = None
+    if use_clipped_model_output:  # out = (sp - d·sa/s1)·x̂0 + (d/s1)·x
+        g_x0_hat = grad_out * (sp - d * sa / s1)
+        grad_x_direct = grad_out * (d / s1)
+        g_eps = torch.zeros_like(grad_out)
+    else:
+        g_x0_hat = grad_out * sp
+        g_eps = grad_out * d  # dL/dε̂ = dL/dε (ε̂ = ε + G)
+    grad_g = -(s1 / sa) * g_x0_hat
+    if not use_clipped_model_output:
+        grad_g = grad_g + g_eps
+    g_x0 = g_x0_hat  # dL/dx0 of the model's own x0
     if clip_sample:
-        # Recompute x̂0 (noise does not enter it) only to know where the clamp was active.
-        if prediction_type == PREDICTION_EPSILON:
-            x0 = (x - s1 * model_out) / sa
-        elif prediction_type == PREDICTION_V:
-            x0 = sa * x - s1 * model_out
-        else:
-            x0 = model_out
-        if guidance is not None:
-            x0 = x0 - (s1 / sa) * guidance
+        # Recompute the model's x̂0 (noise and G do not enter it) only to know where the clamp
+        # was active.
+        x0, _ = _x0_eps(x, model_out, sa, s1, prediction_type)
         g_x0 = g_x0 * ((x0 >= -clip_range) & (x0 <= clip_range))
-    g_eps = grad_out * d  # dL/dε̂
     if prediction_type == PREDICTION_EPSILON:  # x0 = (x - s1·o)/sa, ε = o
         grad_x = g_x0 / sa
         grad_o = g_eps - (s1 / sa) * g_x0
@@ -107,7 +121,8 @@ def guided_update_backward(
     else:  # x0 = o, ε = (x - sa·o)/s1
         grad_x = g_eps / s1
         grad_o = g_x0 - (sa / s1) * g_eps
-    grad_g = g_eps - (s1 / sa) * g_x0
+    if grad_x_direct is not None:
+        grad_x = grad_x + grad_x_direct
     grad_z = grad_out * sigma
     return grad_x, grad_o, grad_g, grad_z
 

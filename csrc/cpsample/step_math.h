@@ -102,9 +102,16 @@ struct StepCoefs {
   float clip;   // clip_sample_range
 };
 
-// docs/CONTRACTS.md "The fused update" for one element. `g` is the guidance term (0 when absent),
-// `z` the noise (0 when absent). P and CLIP are compile-time so the CPU loop vectorises.
-template <int P, bool CLIP>
+// clamp(v, -c, c) keeping NaN, as torch.clamp (fminf/fmaxf would turn NaN into the bound).
+CPSAMPLE_HD float clamp_keep_nan(float v, float c) {
+  v = v < -c ? -c : v;
+  return v > c ? c : v;
+}
+
+// docs/CONTRACTS.md "The fused update" for one element: guidance after the clip. `g` is the
+// guidance term (read only when HAS_G), `z` the noise (0 when absent). P, CLIP, HAS_G and
+// CLIPPED_EPS (diffusers' use_clipped_model_output) are compile-time so the CPU loop vectorises.
+template <int P, bool CLIP, bool HAS_G, bool CLIPPED_EPS>
 CPSAMPLE_HD float guided_update_element(float x, float o, float g, float z, const StepCoefs& c) {
   float x0;
   float eps;
@@ -118,14 +125,15 @@ CPSAMPLE_HD float guided_update_element(float x, float o, float g, float z, cons
     x0 = c.sa * x - c.s1 * o;
     eps = c.sa * o + c.s1 * x;
   }
-  const float eps_hat = eps + g;
-  float x0_hat = x0 - (c.s1 / c.sa) * g;
-  if (CLIP) {
-    // fminf/fmaxf would turn NaN into the bound; this keeps NaN as torch.clamp does.
-    x0_hat = x0_hat < -c.clip ? -c.clip : x0_hat;
-    x0_hat = x0_hat > c.clip ? c.clip : x0_hat;
+  // guidance after the clip: the clip acts on the model's own x̂0 as in diffusers' step, and
+  // the guidance moves the (x̂0, ε) pair consistently whatever the clip did
+  if (CLIP) x0 = clamp_keep_nan(x0, c.clip);
+  if (HAS_G) {
+    x0 = x0 - (c.s1 / c.sa) * g;
+    eps = eps + g;
   }
-  return c.sp * x0_hat + c.d * eps_hat + c.sigma * z;
+  if (CLIPPED_EPS) eps = (x - c.sa * x0) / c.s1;
+  return c.sp * x0 + c.d * eps + c.sigma * z;
 }
 
 }  // namespace cpsample
