@@ -5,9 +5,16 @@ The package imports without diffusers; the pipeline classes import it when first
 
 from __future__ import annotations
 
+from .latents import encode_latents
 from .scheduler import SUPPORTED_SCHEDULERS, ProtectedScheduler, check_scheduler
 
-__all__ = ["SUPPORTED_SCHEDULERS", "CPSamplePipeline", "ProtectedScheduler", "check_scheduler"]
+__all__ = [
+    "SUPPORTED_SCHEDULERS",
+    "CPSamplePipeline",
+    "ProtectedScheduler",
+    "check_scheduler",
+    "encode_latents",
+]
 
 
 def __getattr__(name):
