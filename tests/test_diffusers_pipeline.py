@@ -40,8 +40,9 @@ def test_from_pipe_scale0_reproduces_ddim_pipeline(eta):
     assert (got - base).abs().max().item() <= 1e-5
 
 
-def test_from_pipe_guided_fast_path_equals_protected_scheduler_path():
-    pipe = _ddim_pipe(clip_sample=False)
+@pytest.mark.parametrize("clip", [False, True])
+def test_from_pipe_guided_fast_path_equals_protected_scheduler_path(clip):
+    pipe = _ddim_pipe(clip_sample=clip)
     prot = LinearProtector(k=3.0)
     kw = dict(batch_size=4, num_inference_steps=5, eta=1.0, output_type="pt")
     fast = CPSamplePipeline.from_pipe(pipe, protector=prot, scale=20.0, alpha=0.5)
@@ -51,7 +52,7 @@ def test_from_pipe_guided_fast_path_equals_protected_scheduler_path():
     pipe.scheduler = ProtectedScheduler(pipe.scheduler, prot, scale=20.0, alpha=0.5)
     b = pipe(generator=_gen(), **kw).images
     assert (a - b).abs().max().item() <= 1e-4
-    plain = _ddim_pipe(clip_sample=False)(generator=_gen(), **kw).images
+    plain = _ddim_pipe(clip_sample=clip)(generator=_gen(), **kw).images
     assert (a - plain).abs().max().item() > 1e-2
 
 

@@ -100,43 +100,46 @@ def test_guided_runs_differ_exactly_where_the_gate_opened(name, config):
     assert full.trace.gate.shape == (len(full.timesteps), batch)
 
 
+_CLIP_CASES = [(False, False), (True, False), (True, True)]  # (clip_sample, clipped output)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_guided_wrapper_equals_fast_cpsampler_under_ddim(prediction_type, eta):
-    # clip_sample=False until the clip rule lands in CPSampler (branch core)
+@pytest.mark.parametrize("clip,clipped_output", _CLIP_CASES)
+def test_guided_wrapper_equals_fast_cpsampler_under_ddim(
+    prediction_type, eta, clip, clipped_output
+):
     unet = tiny_unet()
-    config = dict(clip_sample=False, prediction_type=prediction_type)
+    config = dict(clip_sample=clip, prediction_type=prediction_type)
     n, batch, scale, alpha = 5, 4, 20.0, 0.5
     prot = LinearProtector(k=3.0)
     sched = ProtectedScheduler(_make("DDIMScheduler", **config), prot, scale=scale, alpha=alpha)
     sched.set_timesteps(n)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(batch, C, H, H, generator=gen)
+    kw = dict(eta=eta, generator=gen, use_clipped_model_output=clipped_output)
     for t in sched.timesteps:
         with torch.no_grad():
             out = unet(x, t).sample
-        x = sched.step(out, t, x, eta=eta, generator=gen).prev_sample
-    sampler = CPSampler(
-        DiffusersEpsModel(unet),
-        prot,
-        NoiseSchedule.from_diffusers(sched.config),
-        num_inference_steps=n,
-        eta=eta,
-        scale=scale,
-        alpha=alpha,
-        backend="torch",
-    )
-    fast, trace = sampler.sample(
+        x = sched.step(out, t, x, **kw).prev_sample
+
+    def sampler(protector):
+        return CPSampler(
+            DiffusersEpsModel(unet),
+            protector,
+            NoiseSchedule.from_diffusers(sched.config),
+            num_inference_steps=n,
+            eta=eta,
+            scale=scale if protector is not None else None,
+            alpha=alpha if protector is not None else None,
+            backend="torch",
+            use_clipped_model_output=clipped_output,
+        )
+
+    fast, trace = sampler(prot).sample(
         (batch, C, H, H), generator=torch.Generator().manual_seed(5), return_trace=True
     )
-    plain = sampler.__class__(
-        DiffusersEpsModel(unet),
-        None,
-        NoiseSchedule.from_diffusers(sched.config),
-        num_inference_steps=n,
-        eta=eta,
-        backend="torch",
-    ).sample((batch, C, H, H), generator=torch.Generator().manual_seed(5))
+    plain = sampler(None).sample((batch, C, H, H), generator=torch.Generator().manual_seed(5))
     rel = ((fast - x).abs().max() / x.abs().max()).item()
     assert rel <= 1e-4, rel
     assert ((fast - plain).abs().max() / plain.abs().max()).item() > 1e-2  # guidance acted

@@ -46,9 +46,9 @@ def check_protector_fits(protector, channels: int, size) -> None:
             )
 
 
-def _fast_path_ok(scheduler, use_clipped_model_output) -> bool:
+def _fast_path_ok(scheduler) -> bool:
     """DDIM without features the fused CPSampler step does not implement."""
-    if type(scheduler).__name__ != "DDIMScheduler" or use_clipped_model_output:
+    if type(scheduler).__name__ != "DDIMScheduler":
         return False
     try:
         NoiseSchedule.from_diffusers(scheduler.config)
@@ -170,8 +170,8 @@ class CPSamplePipeline(DiffusionPipeline):
             compile=compile,
         )
 
-    def _sampler(self, n: int, eta: float, labels):
-        key = (n, float(eta))
+    def _sampler(self, n: int, eta: float, labels, clipped: bool = False):
+        key = (n, float(eta), clipped)
         if key not in self._samplers:
             self._samplers[key] = CPSampler(
                 DiffusersEpsModel(self.unet),
@@ -184,6 +184,7 @@ class CPSamplePipeline(DiffusionPipeline):
                 mode=self.mode,
                 guidance_range=self.guidance_range,
                 compile=self.compile,
+                use_clipped_model_output=clipped,
             )
         sampler = self._samplers[key]
         sampler.eps_model.call_kwargs = {} if labels is None else {"class_labels": labels}
@@ -219,9 +220,11 @@ class CPSamplePipeline(DiffusionPipeline):
             check_protector_fits(self.protector, shape[1], hw)
         scheduler = self.scheduler
 
-        if _fast_path_ok(scheduler, use_clipped_model_output):
+        if _fast_path_ok(scheduler):
             self.last_path = "cpsampler"
-            sampler = self._sampler(num_inference_steps, eta, labels)
+            sampler = self._sampler(
+                num_inference_steps, eta, labels, bool(use_clipped_model_output)
+            )
             kwargs = {"generator": generator}
             if generator is None:  # diffusers would use the global RNG: seed Philox from it
                 kwargs = {"seed": int(torch.randint(0, 2**62, (1,)).item())}
