@@ -163,3 +163,28 @@ def test_from_pipe_bad_input():
         ours(batch_size=2, class_labels=[0, 1, 2])
     with pytest.raises(ValueError, match=r"class_labels must lie in \[0, 3\)"):
         ours(batch_size=2, class_labels=[0, 3])
+
+
+def test_protector_is_a_pipeline_component_saved_as_safetensors(tmp_path):
+    from cpsample_fast.diffusers import ProtectorComponent
+
+    net = ProtectorNet(in_channels=C, resolution=H, base_channels=8).eval()
+    ours = CPSamplePipeline.from_pipe(_ddim_pipe(), protector=net, scale=20.0, alpha=0.5)
+    ours.set_progress_bar_config(disable=True)
+    assert isinstance(ours.protector, ProtectorComponent)
+    assert ours.protector.dtype == torch.float32 and ours.protector.device.type == "cpu"
+    assert not any(p.requires_grad for p in ours.protector.parameters())
+    x, t = torch.randn(2, C, H, H), torch.tensor([3, 700])
+    assert torch.equal(ours.protector(x, t), net(x, t))
+    kw = dict(batch_size=2, num_inference_steps=3, output_type="pt")
+    a = ours(generator=_gen(), **kw).images
+    ours.save_pretrained(tmp_path / "p", safe_serialization=True)
+    assert (tmp_path / "p" / "protector" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list((tmp_path / "p").rglob("*.bin"))
+    loaded = CPSamplePipeline.from_pretrained(tmp_path / "p", local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.protector, ProtectorComponent)
+    assert loaded.scale == 20.0 and loaded.alpha == 0.5 and loaded.mode == "repel"
+    b = loaded(generator=_gen(), **kw).images
+    assert torch.equal(a, b)
+    assert ours.protector.to(torch.bfloat16).dtype == torch.bfloat16

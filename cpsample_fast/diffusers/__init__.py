@@ -12,6 +12,7 @@ __all__ = [
     "SUPPORTED_SCHEDULERS",
     "CPSamplePipeline",
     "ProtectedScheduler",
+    "ProtectorComponent",
     "check_scheduler",
     "encode_latents",
 ]
@@ -22,4 +23,8 @@ def __getattr__(name):
         from .pipeline import CPSamplePipeline
 
         return CPSamplePipeline
+    if name == "ProtectorComponent":
+        from .component import ProtectorComponent
+
+        return ProtectorComponent
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

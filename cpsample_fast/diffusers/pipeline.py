@@ -19,9 +19,11 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from ..integrations.diffusers import DiffusersEpsModel
+from ..protector.model import ProtectorNet
 from ..sampler import CPSampler
 from ..schedule import NoiseSchedule
 from ._noise import check_generator, randn_like_diffusers
+from .component import ModuleProtector, ProtectorComponent
 from .scheduler import ProtectedScheduler, check_scheduler
 
 
@@ -98,7 +100,8 @@ class CPSamplePipeline(DiffusionPipeline):
         compile: passed to ``CPSampler`` on the fast path.
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "protector->unet"
+    _optional_components = ["protector"]
 
     def __init__(
         self,
@@ -115,7 +118,20 @@ class CPSamplePipeline(DiffusionPipeline):
         super().__init__()
         scheduler = _unwrap(scheduler)
         check_scheduler(scheduler)
+        if isinstance(protector, ProtectorNet):
+            # a pipeline component: .to(), offloading, save_pretrained/from_pretrained
+            protector = ProtectorComponent.from_protector(protector)
+        elif isinstance(protector, torch.nn.Module) and not hasattr(protector, "device"):
+            protector = ModuleProtector(protector)
+        if isinstance(protector, ProtectorComponent):
+            protector.eval().requires_grad_(False)  # from_pretrained loads it trainable
         self.register_modules(unet=unet, scheduler=scheduler, protector=protector)
+        self.register_to_config(
+            scale=float(scale),
+            alpha=float(alpha),
+            mode=mode,
+            guidance_range=None if guidance_range is None else list(guidance_range),
+        )
         self.scale = float(scale)
         self.alpha = float(alpha)
         self.mode = mode
