@@ -10,6 +10,7 @@ from .scheduler import SUPPORTED_SCHEDULERS, ProtectedScheduler, check_scheduler
 
 __all__ = [
     "SUPPORTED_SCHEDULERS",
+    "StableDiffusionCPSamplePipeline",
     "CPSamplePipeline",
     "ProtectedScheduler",
     "ProtectorComponent",
@@ -23,6 +24,10 @@ def __getattr__(name):
         from .pipeline import CPSamplePipeline
 
         return CPSamplePipeline
+    if name == "StableDiffusionCPSamplePipeline":
+        from .sd import StableDiffusionCPSamplePipeline
+
+        return StableDiffusionCPSamplePipeline
     if name == "ProtectorComponent":
         from .component import ProtectorComponent
 
