@@ -93,3 +93,18 @@ def test_cli_class_labels_per_sample(tmp_path):
     with pytest.raises(ValueError, match="class-conditional"):
         cli_main(["sample", "--model", str(tmp_path / "plain"), "--class-labels", "1",
                   "--out", str(tmp_path / "o4")])  # fmt: skip
+
+
+def test_bench_diffusers_shows_the_fast_path_inside_from_pipe(tmp_path, capsys):
+    import json
+
+    assert cli_main(["bench", "--diffusers", "--quick", "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "CPSamplePipeline.from_pipe" in table
+    (path,) = tmp_path.glob("bench_diffusers_tiny_cpu_*.json")
+    result = json.loads(path.read_text())
+    paths = {r["provider"]: r["path"] for r in result["rows"]}
+    assert paths["CPSamplePipeline.from_pipe"] == "cpsampler"
+    assert paths["ProtectedScheduler switch"] == "scheduler"
+    assert result["max_abs_diff_switch_vs_from_pipe"] <= 1e-4
+    assert all(r["ms_per_step"] > 0 for r in result["rows"])
