@@ -181,3 +181,5 @@ def test_sd_bad_input():
         StableDiffusionCPSamplePipeline.from_pipe(object(), protector=None, scale=0, alpha=0.1)
     with pytest.raises(ValueError, match="generators"):  # diffusers' own batch check
         _call(ours, generator=[torch.Generator()])
+    with pytest.raises(ValueError, match=r"latents has 3 samples, but 2 prompt\(s\)"):
+        _call(ours, latents=torch.zeros(3, LATENT, SIZE, SIZE))

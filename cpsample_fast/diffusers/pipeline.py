@@ -187,7 +187,8 @@ class CPSamplePipeline(DiffusionPipeline):
         )
 
     def _sampler(self, n: int, eta: float, labels, clipped: bool = False):
-        key = (n, float(eta), clipped)
+        gr = None if self.guidance_range is None else tuple(self.guidance_range)
+        key = (n, float(eta), clipped, self.scale, self.alpha, self.mode, gr, id(self.protector))
         if key not in self._samplers:
             self._samplers[key] = CPSampler(
                 DiffusersEpsModel(self.unet),

@@ -153,6 +153,7 @@ class StableDiffusionCPSamplePipeline(StableDiffusionPipeline):
             h = kwargs.get("height") or size * vsf
             w = kwargs.get("width") or size * vsf
             check_protector_fits(self.protector, self.unet.config.in_channels, (h // vsf, w // vsf))
+        _check_batch(args, kwargs)
         inner = self.scheduler
         wrapped = self._protected(inner)
         object.__setattr__(self, "scheduler", wrapped)  # for this call only; config untouched
@@ -162,3 +163,25 @@ class StableDiffusionCPSamplePipeline(StableDiffusionPipeline):
             object.__setattr__(self, "scheduler", inner)
         self.trace = wrapped.trace
         return out
+
+
+def _check_batch(args, kwargs) -> None:
+    """Prompts × images per prompt must match given latents (clear error before sampling)."""
+    prompt = args[0] if args else kwargs.get("prompt")
+    latents = kwargs.get("latents")
+    if latents is None:
+        return
+    if isinstance(prompt, str):
+        n = 1
+    elif isinstance(prompt, (list, tuple)):
+        n = len(prompt)
+    elif kwargs.get("prompt_embeds") is not None:
+        n = kwargs["prompt_embeds"].shape[0]
+    else:
+        return
+    batch = n * int(kwargs.get("num_images_per_prompt") or 1)
+    if latents.shape[0] != batch:
+        raise ValueError(
+            f"latents has {latents.shape[0]} samples, but {n} prompt(s) × "
+            f"num_images_per_prompt={kwargs.get('num_images_per_prompt') or 1} make {batch}"
+        )
