@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import time
 
 import torch
@@ -61,15 +60,22 @@ def setup(seed: int = 0, steps: int = 400, n_a: int = N_A, n_p: int = N_P):
     P, rest = A[:n_p], A[n_p:]
     schedule = NoiseSchedule()
     protector, _ = train_protector(
-        P, schedule=schedule, holdout=rest, steps=steps, batch_size=16, seed=seed,
-        protector={"in_channels": 1, "resolution": 8, "base_channels": 16}, progress=False,
-    )  # fmt: skip
+        P,
+        schedule=schedule,
+        holdout=rest,
+        steps=steps,
+        batch_size=16,
+        seed=seed,
+        protector={"in_channels": 1, "resolution": 8, "base_channels": 16},
+        progress=False,
+    )
     protector.eval().requires_grad_(False)
     return A, P, rest, protector
 
 
 def copy_rates(x, P, rest):
     """(fraction of samples that copy P, that copy A∖P): nearest-neighbour cosine > COPY."""
+
     def nn_cos(ref):
         a = torch.nn.functional.normalize(x.flatten(1).double(), dim=1)
         b = torch.nn.functional.normalize(ref.flatten(1).double(), dim=1)
@@ -81,12 +87,20 @@ def copy_rates(x, P, rest):
     )
 
 
-def run(A, P, rest, protector, *, clip, mode, scale, alpha, n=200, seed=1, rule="new"):
+def run(A, P, rest, protector, *, clip, mode, scale, alpha, n=200, seed=1, rule="new", **kw):
     schedule = NoiseSchedule(clip_sample=clip)
     model = EmpiricalDenoiser(A, schedule)
-    sampler = CPSampler(model, protector if scale else None, schedule, num_inference_steps=50,
-                        scale=scale if scale else None, alpha=alpha if scale else None,
-                        mode=mode, backend="torch")  # fmt: skip
+    sampler = CPSampler(
+        model,
+        protector if scale else None,
+        schedule,
+        num_inference_steps=50,
+        scale=scale if scale else None,
+        alpha=alpha if scale else None,
+        mode=mode,
+        backend="torch",
+        **kw,
+    )
     saved = _gu._IMPLS["torch"]
     if rule == "old":
         _gu._IMPLS["torch"] = old_rule_update
@@ -109,22 +123,47 @@ def main() -> None:
     t0 = time.time()
     A, P, rest, protector = setup(steps=args.train_steps)
     print(f"protector trained in {time.time() - t0:.1f}s")
-    settings = [("ddim", "repel", 0.0, 0.5), ("entropy", "entropy", 225.0, 0.3),
-                ("repel", "repel", 30.0, 0.5), ("repel", "repel", 100.0, 0.5),
-                ("attract", "attract", 10.0, 0.5)]  # fmt: skip
+    settings = [
+        ("ddim", "repel", 0.0, 0.5),
+        ("entropy", "entropy", 225.0, 0.3),
+        ("repel", "repel", 30.0, 0.5),
+        ("repel", "repel", 100.0, 0.5),
+        ("attract", "attract", 10.0, 0.5),
+    ]
     rows = []
     for name, mode, scale, alpha in settings:
         for clip in (False, True):
-            for rule in (("new",) if scale == 0 else ("old", "new")):
+            for rule in ("new",) if scale == 0 else ("old", "new"):
                 t1 = time.time()
-                p_rate, r_rate = run(A, P, rest, protector, clip=clip, mode=mode, scale=scale,
-                                     alpha=alpha, n=args.n, rule=rule)  # fmt: skip
-                row = dict(setting=name, mode=mode, scale=scale, alpha=alpha, clip=clip,
-                           rule=rule, copies_of_P=p_rate, copies_of_rest=r_rate)  # fmt: skip
+                p_rate, r_rate = run(
+                    A,
+                    P,
+                    rest,
+                    protector,
+                    clip=clip,
+                    mode=mode,
+                    scale=scale,
+                    alpha=alpha,
+                    n=args.n,
+                    rule=rule,
+                )
+                row = dict(
+                    setting=name,
+                    mode=mode,
+                    scale=scale,
+                    alpha=alpha,
+                    clip=clip,
+                    rule=rule,
+                    copies_of_P=p_rate,
+                    copies_of_rest=r_rate,
+                )
                 rows.append(row)
-                print(f"{name:8s} s={scale:6.1f} a={alpha} clip={clip!s:5} rule={rule}: "
-                      f"copies of P {p_rate:.3f}, of A\\P {r_rate:.3f} "
-                      f"({time.time() - t1:.1f}s)", flush=True)  # fmt: skip
+                print(
+                    f"{name:8s} s={scale:6.1f} a={alpha} clip={clip!s:5} rule={rule}: "
+                    f"copies of P {p_rate:.3f}, of A\\P {r_rate:.3f} "
+                    f"({time.time() - t1:.1f}s)",
+                    flush=True,
+                )
     if args.out:
         from cpsample_fast.io import write_json_atomic
 

@@ -54,9 +54,19 @@ def _coefs(abar_t: float, abar_prev: float, eta: float = 0.0, clip: float = 1.0)
 
 
 def _update(backend, x, o, g, z, coefs, *, p=0, clip=True, clipped_eps=False):
-    return ops.guided_update(x, o, g, z, coefs, torch.tensor([3, 1, 0]), prediction_type=p,
-                             clip_sample=clip, draw_noise=False, backend=backend,
-                             use_clipped_model_output=clipped_eps)  # fmt: skip
+    return ops.guided_update(
+        x,
+        o,
+        g,
+        z,
+        coefs,
+        torch.tensor([3, 1, 0]),
+        prediction_type=p,
+        clip_sample=clip,
+        draw_noise=False,
+        backend=backend,
+        use_clipped_model_output=clipped_eps,
+    )
 
 
 def _mixed_case(coefs: torch.Tensor, seed: int = 0):
@@ -119,8 +129,15 @@ def test_rule_in_float64_closed_form():
     sa, s1, sp, d = 0.5, math.sqrt(0.75), 0.6, 0.8
     coefs = _coefs(abar_t, abar_prev)
     # per element: (x0, shift of x0 by the guidance, ε)
-    cases = [(0.2, 0.3, 0.1), (0.7, 0.6, -0.4), (-0.9, -0.5, 0.3), (1.4, 0.5, 0.2),
-             (1.4, -0.9, 0.0), (-1.2, 3.0, -1.0), (0.0, 0.0, 0.5)]  # fmt: skip
+    cases = [
+        (0.2, 0.3, 0.1),
+        (0.7, 0.6, -0.4),
+        (-0.9, -0.5, 0.3),
+        (1.4, 0.5, 0.2),
+        (1.4, -0.9, 0.0),
+        (-1.2, 3.0, -1.0),
+        (0.0, 0.0, 0.5),
+    ]
     want = []
     for x0, shift, eps in cases:
         clip = min(max(x0 + shift, -1.0), 1.0)
@@ -145,8 +162,12 @@ def test_rule_in_float64_closed_form():
 
 def test_effect_coefficient_is_positive_on_every_step():
     """sp - d·sa/s1 > 0 whenever ᾱ' > ᾱ_t: the step moves along Δ, never against it."""
-    for config in [{}, {"beta_schedule": "squaredcos_cap_v2"}, {"timestep_spacing": "trailing"},
-                   {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}]:  # fmt: skip
+    for config in [
+        {},
+        {"beta_schedule": "squaredcos_cap_v2"},
+        {"timestep_spacing": "trailing"},
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    ]:
         s = NoiseSchedule(**config)
         for eta in (0.0, 0.5, 1.0):
             c = s.step_coefficients(50, eta)
@@ -168,8 +189,19 @@ def test_zero_guidance_is_diffusers_step_bit_for_bit(backend):
         t = sched.timesteps[k]
         x = 2 * torch.randn(SHAPE, generator=gen)
         o = torch.randn(SHAPE, generator=gen)
-        coefs = torch.tensor([float(c[n][k]) for n in ("sqrt_alpha", "sqrt_one_minus_alpha",
-                              "sqrt_alpha_prev", "dir_coef", "sigma")] + [1.0])  # fmt: skip
+        coefs = torch.tensor(
+            [
+                float(c[n][k])
+                for n in (
+                    "sqrt_alpha",
+                    "sqrt_one_minus_alpha",
+                    "sqrt_alpha_prev",
+                    "dir_coef",
+                    "sigma",
+                )
+            ]
+            + [1.0]
+        )
         want = sched.step(o, t, x, eta=0.0).prev_sample
         got = _update(backend, x, o, torch.zeros_like(x), None, coefs)  # a gate shut everywhere
         assert torch.equal(got, want), (backend, k)
@@ -246,12 +278,19 @@ def test_use_clipped_model_output_matches_diffusers(config, eta):
     with torch.no_grad():
         for k, t in enumerate(sched.timesteps):
             out = model(x, t.repeat(shape[0]))
-            x = sched.step(out, t, x, eta=eta, use_clipped_model_output=True,
-                           variance_noise=step_noise[k] if eta > 0 else None).prev_sample  # fmt: skip
+            x = sched.step(
+                out,
+                t,
+                x,
+                eta=eta,
+                use_clipped_model_output=True,
+                variance_noise=step_noise[k] if eta > 0 else None,
+            ).prev_sample
     want = x
     schedule = NoiseSchedule.from_diffusers(config)
-    kw = dict(num_inference_steps=n, eta=eta, noise=noise,
-              step_noise=step_noise if eta > 0 else None)  # fmt: skip
+    kw = dict(
+        num_inference_steps=n, eta=eta, noise=noise, step_noise=step_noise if eta > 0 else None
+    )
     ref = reference_sample(model, None, schedule, shape, use_clipped_model_output=True, **kw)
     scale = want.abs().max().item()
     assert (ref - want).abs().max().item() <= 1e-5 * scale
@@ -259,9 +298,15 @@ def test_use_clipped_model_output_matches_diffusers(config, eta):
     if schedule.clip_sample:  # the option changes the result where the clip bites
         assert (default - want).abs().max().item() > 1e-4 * scale
     for backend in BACKENDS:
-        got = CPSampler(model, None, schedule, num_inference_steps=n, eta=eta, backend=backend,
-                        use_clipped_model_output=True).sample(shape, noise=noise,
-                                                              step_noise=kw["step_noise"])  # fmt: skip
+        got = CPSampler(
+            model,
+            None,
+            schedule,
+            num_inference_steps=n,
+            eta=eta,
+            backend=backend,
+            use_clipped_model_output=True,
+        ).sample(shape, noise=noise, step_noise=kw["step_noise"])
         err = (got - want).abs().max().item() / scale
         print(f"{config} eta={eta} [{backend}]: rel err vs diffusers {err:.2e}")
         assert err <= 1e-5
@@ -272,8 +317,9 @@ def test_use_clipped_model_output_bad_type():
     with pytest.raises(TypeError, match="use_clipped_model_output must be a bool"):
         CPSampler(ConvEps(), None, s, num_inference_steps=2, use_clipped_model_output=1)
     with pytest.raises(TypeError, match="use_clipped_model_output must be a bool"):
-        reference_sample(ConvEps(), None, s, SHAPE, num_inference_steps=2,
-                         use_clipped_model_output="yes")  # fmt: skip
+        reference_sample(
+            ConvEps(), None, s, SHAPE, num_inference_steps=2, use_clipped_model_output="yes"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,12 +341,27 @@ def test_sampler_equals_reference_on_every_backend(mode, clipped_eps):
     noise = torch.randn(SHAPE, generator=gen)
     step_noise = torch.randn((n, *SHAPE), generator=gen)
     model, prot = ConvEps(), _protector()
-    kw = dict(num_inference_steps=n, eta=eta, scale=60.0, alpha=0.3, mode=mode,
-              use_clipped_model_output=clipped_eps)  # fmt: skip
-    ref, trace = reference_sample(model, prot, schedule, SHAPE, noise=noise,
-                                  step_noise=step_noise, return_trace=True, **kw)  # fmt: skip
-    ref64 = reference_sample(model.double(), prot.double(), schedule, SHAPE, noise=noise,
-                             step_noise=step_noise, dtype=torch.float64, **kw)  # fmt: skip
+    kw = dict(
+        num_inference_steps=n,
+        eta=eta,
+        scale=60.0,
+        alpha=0.3,
+        mode=mode,
+        use_clipped_model_output=clipped_eps,
+    )
+    ref, trace = reference_sample(
+        model, prot, schedule, SHAPE, noise=noise, step_noise=step_noise, return_trace=True, **kw
+    )
+    ref64 = reference_sample(
+        model.double(),
+        prot.double(),
+        schedule,
+        SHAPE,
+        noise=noise,
+        step_noise=step_noise,
+        dtype=torch.float64,
+        **kw,
+    )
     model.float(), prot.float()
     gates = trace.gate
     print(f"{mode}: open gates per step {gates.sum(1).tolist()} of {SHAPE[0]}")
@@ -312,8 +373,10 @@ def test_sampler_equals_reference_on_every_backend(mode, clipped_eps):
             SHAPE, noise=noise, step_noise=step_noise, return_trace=True
         )
         err = (fast - ref).abs().max().item()
-        print(f"{mode} clipped_eps={clipped_eps} [{backend}]: |fast - ref| {err:.2e}, "
-              f"ref vs fp64 {base:.2e}")  # fmt: skip
+        print(
+            f"{mode} clipped_eps={clipped_eps} [{backend}]: |fast - ref| {err:.2e}, "
+            f"ref vs fp64 {base:.2e}"
+        )
         assert torch.equal(ftrace.gate, gates)
         assert err <= 1e-5 * max(ref.abs().max().item(), 1.0)
 
@@ -336,8 +399,19 @@ def test_clipped_guided_step_never_raises_confidence(mode):
     k = list(schedule.timesteps(n).tolist()).index(500)
     t = 500
     c = schedule.step_coefficients(n, 0.0)
-    coefs = torch.tensor([float(c[name][k]) for name in ("sqrt_alpha", "sqrt_one_minus_alpha",
-                          "sqrt_alpha_prev", "dir_coef", "sigma")] + [1.0])  # fmt: skip
+    coefs = torch.tensor(
+        [
+            float(c[name][k])
+            for name in (
+                "sqrt_alpha",
+                "sqrt_one_minus_alpha",
+                "sqrt_alpha_prev",
+                "dir_coef",
+                "sigma",
+            )
+        ]
+        + [1.0]
+    )
     assert float(coefs[3]) > 0.9  # the ε̂ term matters
     B = 256
     gen = torch.Generator().manual_seed(8)
@@ -361,8 +435,10 @@ def test_clipped_guided_step_never_raises_confidence(mode):
         guided = _update(backend, x, o, G, None, coefs)
         f_g = prot(guided, None).detach()
         moved = torch.sign(f_plain) * (f_g - f_plain)
-        print(f"{mode} [{backend}]: mean |f| plain {f_plain.abs().mean():.4f}, "
-              f"guided {f_g.abs().mean():.4f}; max sign(f)·Δf {moved.max():.2e}")  # fmt: skip
+        print(
+            f"{mode} [{backend}]: mean |f| plain {f_plain.abs().mean():.4f}, "
+            f"guided {f_g.abs().mean():.4f}; max sign(f)·Δf {moved.max():.2e}"
+        )
         assert (moved[m] <= 1e-5).all()
         assert f_g.abs().mean() < f_plain.abs().mean()
     # the pre-fix step: x̂0 = clip(x0g), ε̂ = ε + G
@@ -410,7 +486,49 @@ def test_gate_is_exact_at_the_boundary(alpha):
     prot = LinearProtector(torch.zeros(1, 1, 1))
     for f in logits.tolist():
         prot.bias = f
-        _, trace = reference_sample(lambda x, t: torch.zeros_like(x), prot, NoiseSchedule(),
-                                    (1, 1, 1, 1), num_inference_steps=1, scale=1.0, alpha=alpha,
-                                    return_trace=True)  # fmt: skip
+        _, trace = reference_sample(
+            lambda x, t: torch.zeros_like(x),
+            prot,
+            NoiseSchedule(),
+            (1, 1, 1, 1),
+            num_inference_steps=1,
+            scale=1.0,
+            alpha=alpha,
+            return_trace=True,
+        )
         assert bool(trace.gate[0, 0]) == (1.0 / (1.0 + math.exp(abs(f))) < alpha)
+
+
+@pytest.mark.parametrize("p", [0, 1, 2])
+@pytest.mark.parametrize("clipped_eps", [False, True])
+def test_backward_of_the_rule_matches_autograd(p, clipped_eps):
+    """The op's hand-written backward (``_torch.guided_update_backward``) equals autograd of
+    the torch forward, with the clip active on some elements and both flags."""
+    from cpsample_fast.ops import _torch as torch_impl
+
+    coefs = _coefs(0.3, 0.4, eta=0.5)
+    x, o, g = _mixed_case(coefs)
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(9))
+    gy = torch.randn(SHAPE, generator=torch.Generator().manual_seed(10))
+    leaves = [t.clone().requires_grad_(True) for t in (x, o, g, z)]
+    out = ops.guided_update(
+        *leaves,
+        coefs,
+        torch.tensor([0, 0, 0]),
+        prediction_type=p,
+        clip_sample=True,
+        draw_noise=False,
+        backend="torch",
+        use_clipped_model_output=clipped_eps,
+    )
+    grads = torch.autograd.grad(out, leaves, gy)
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    ref_out = torch_impl.guided_update(*ref_leaves, coefs, None, p, True, False, clipped_eps)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, gy)
+    for name, a, b in zip(("x", "model_out", "guidance", "noise"), grads, ref_grads):
+        err = (a - b).abs().max().item()
+        assert err <= 1e-5 * max(b.abs().max().item(), 1.0), (name, err)
+    torch.library.opcheck(
+        torch.ops.cpsample.guided_update.default,
+        (*leaves, coefs, torch.tensor([0, 0, 0]), p, True, False, "torch", clipped_eps),
+    )

@@ -306,16 +306,9 @@ def guidance_seed(
         return c, q, m
     block = min(max(triton.next_power_of_2(batch), 16), 1024)
     logits = logits.contiguous()  # a no-op for the usual [B] logits; a column view is copied
+    tau = _guidance.gate_threshold_f32(alpha)  # exact gate threshold on |f| (host, float64)
     with _on_device(logits):
         _guidance_seed_kernel[(triton.cdiv(batch, block),)](
-            logits,
-            scale_t,
-            c,
-            q,
-            m,
-            batch,
-            _guidance.gate_threshold_f32(alpha),
-            MODE=mode,
-            BLOCK=block,
+            logits, scale_t, c, q, m, batch, tau, MODE=mode, BLOCK=block
         )
     return c, q, m

@@ -362,11 +362,11 @@ def guided_update(
                 f"0/1/2, got {prediction_type!r}"
             )
         prediction_type = PREDICTION_TYPES[prediction_type]
+    opts = (prediction_type, clip_sample, draw_noise, backend)
     check_guided_update_args(
-        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend,
+        x, model_out, guidance, noise, coefs, rng, *opts,
         use_clipped_model_output=use_clipped_model_output,
     )  # fmt: skip
     return torch.ops.cpsample.guided_update(
-        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend,
-        use_clipped_model_output,
-    )  # fmt: skip
+        x, model_out, guidance, noise, coefs, rng, *opts, use_clipped_model_output
+    )
