@@ -229,6 +229,16 @@ def test_bad_input():
     trainable = nn.Linear(C * H * H, 1)
     with pytest.warns(UserWarning, match="not frozen"):
         ProtectedScheduler(diffusers.DDIMScheduler(), trainable, scale=1.0, alpha=0.1)
+    from cpsample_fast.protector.model import ProtectorNet
+
+    wrong = ProtectedScheduler(
+        diffusers.DDIMScheduler(), ProtectorNet(in_channels=3, resolution=H).requires_grad_(False).eval(),
+        scale=1.0, alpha=0.1,
+    )  # fmt: skip
+    wrong.set_timesteps(2)
+    x = torch.zeros(2, C, H, H)
+    with pytest.raises(ValueError, match="in_channels=3, but the samples have 2"):
+        wrong.step(x, wrong.timesteps[0], x)
     bad = ProtectedScheduler(diffusers.DDIMScheduler(), lambda x, t: x, scale=1.0, alpha=0.1)
     bad.set_timesteps(2)
     x = torch.zeros(2, C, H, H)

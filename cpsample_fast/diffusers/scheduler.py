@@ -269,6 +269,7 @@ class ProtectedScheduler:
                 (t_int, nan, nan, torch.zeros(B, dtype=torch.bool, device=nan.device))
             )
             return inner.step(model_output, timestep, sample, *args, **kwargs)
+        _check_fits(self._protector, sample)
         x_t, sa, s1 = self._coefficients(timestep, sample)
         C = sample.shape[1]
         extra = None
@@ -317,6 +318,22 @@ class ProtectedScheduler:
         if extra is not None:
             out = torch.cat([out, extra], dim=1)
         return inner.step(out, timestep, new_sample, *args, **kwargs)
+
+
+def _check_fits(protector, sample) -> None:
+    """A protector that declares its input (ProtectorNet) must match the samples it guards."""
+    pc = getattr(protector, "in_channels", None)
+    pr = getattr(protector, "resolution", None)
+    if isinstance(pc, int) and pc != sample.shape[1]:
+        raise ValueError(
+            f"protector has in_channels={pc}, but the samples have {sample.shape[1]} channels "
+            "(a latent protector must be trained on the latents the UNet sees)"
+        )
+    if isinstance(pr, int) and tuple(sample.shape[-2:]) != (pr, pr):
+        raise ValueError(
+            f"protector has resolution={pr}, but the samples are "
+            f"{sample.shape[-2]}x{sample.shape[-1]}"
+        )
 
 
 def _to_prediction(pred, x0, eps, xt, sa, s1):
