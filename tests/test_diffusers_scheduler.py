@@ -231,10 +231,8 @@ def test_bad_input():
         ProtectedScheduler(diffusers.DDIMScheduler(), trainable, scale=1.0, alpha=0.1)
     from cpsample_fast.protector.model import ProtectorNet
 
-    wrong = ProtectedScheduler(
-        diffusers.DDIMScheduler(), ProtectorNet(in_channels=3, resolution=H).requires_grad_(False).eval(),
-        scale=1.0, alpha=0.1,
-    )  # fmt: skip
+    rgb = ProtectorNet(in_channels=3, resolution=H).requires_grad_(False).eval()
+    wrong = ProtectedScheduler(diffusers.DDIMScheduler(), rgb, scale=1.0, alpha=0.1)
     wrong.set_timesteps(2)
     x = torch.zeros(2, C, H, H)
     with pytest.raises(ValueError, match="in_channels=3, but the samples have 2"):
