@@ -64,6 +64,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-accuracy", action="store_true", help="skip the float64 reference")
     parser.add_argument("--out", default=None, help="folder for bench.csv (appended) and JSON")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests and CI")
+    d = parser.add_argument_group("diffusers")
+    d.add_argument(
+        "--diffusers",
+        action="store_true",
+        help="instead: DDIMPipeline vs pipe.scheduler = ProtectedScheduler(...) vs "
+        "CPSamplePipeline.from_pipe (which loop ran is in the 'path' column)",
+    )
+    d.add_argument(
+        "--diffusers-size", choices=("tiny", "cifar", "256"), default=None, help="UNet size"
+    )
+    d.add_argument("--diffusers-compile", action="store_true", help="also from_pipe compiled")
 
 
 class _Progress:
@@ -123,6 +134,8 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
+    if args.diffusers:
+        return _diffusers_bench(args, device)
     if args.config is not None:
         config = get_config(args.config)
     else:
@@ -210,6 +223,39 @@ def main(args: argparse.Namespace) -> int:
         print(f"wrote {csv_path} (+{len(records)} rows) and {json_path}", file=sys.stderr)
     print(table, flush=True)
     return 1 if failed else 0
+
+
+def _diffusers_bench(args: argparse.Namespace, device: torch.device) -> int:
+    """``cpsample bench --diffusers``: see :mod:`cpsample_fast.diffusers.bench`."""
+    from ..diffusers import bench as dbench
+    from ..io import ensure_writable_dir, write_json_atomic
+
+    size = args.diffusers_size or ("tiny" if args.quick or device.type == "cpu" else "cifar")
+    bar = _Progress()
+    try:
+        result = dbench.run(
+            size=size,
+            device=device,
+            batch=args.batch or (2 if args.quick else 8),
+            steps=args.steps or (3 if args.quick else 20),
+            repeats=args.repeats or (2 if args.quick else 3),
+            warmup=args.warmup,
+            scale=args.scale,
+            alpha=args.alpha,
+            compile=args.diffusers_compile,
+            progress=bar.step,
+        )
+    finally:
+        bar.close()
+    table = dbench.format_table(result)
+    if args.out:
+        out = ensure_writable_dir(args.out, "--out")
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        path = out / f"bench_diffusers_{size}_{device.type}_{stamp}.json"
+        write_json_atomic(path, {**result, "table": table, "argv": vars(args_for_json(args))})
+        print(f"wrote {path}", file=sys.stderr)
+    print(table, flush=True)
+    return 0
 
 
 def args_for_json(args: argparse.Namespace) -> argparse.Namespace:

@@ -76,6 +76,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resume", action="store_true", help="delete old shards, redo every batch")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="output folder")
+    c = p.add_argument_group("conditioning (diffusers models)")
+    c.add_argument(
+        "--class-labels",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="Y",
+        help="class labels of a class-conditional UNet2DModel; sample i gets Y[i %% len(Y)]",
+    )
+    c.add_argument(
+        "--prompt",
+        nargs="+",
+        default=None,
+        help="prompts for a Stable Diffusion style --model directory (sample i gets "
+        "PROMPT[i %% len]); samples are the VAE-decoded images",
+    )
+    c.add_argument("--negative-prompt", nargs="+", default=None, help="as --prompt, for CFG")
+    c.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=7.5,
+        help="classifier-free guidance scale with --prompt (default 7.5; <= 1 turns CFG off)",
+    )
 
 
 def load_eps_model(spec: str, device):
@@ -129,7 +152,20 @@ def _run(args, info, device) -> int:
 
     # everything that can be refused is checked before the folder is touched
     out = ensure_writable_dir(args.out, "--out")
-    eps_model, schedule = load_eps_model(args.model, device)
+    t2i = None
+    if args.prompt:
+        if args.class_labels:
+            raise ValueError("--prompt and --class-labels cannot be combined")
+        from ..diffusers.conditioning import TextToImage
+
+        t2i = TextToImage(args.model, device=device, guidance_scale=args.guidance_scale)
+        eps_model, schedule = t2i.eps_model, t2i.schedule
+    else:
+        if args.negative_prompt:
+            raise ValueError("--negative-prompt needs --prompt")
+        eps_model, schedule = load_eps_model(args.model, device)
+        if args.class_labels:
+            _check_class_labels(eps_model, args.class_labels)
     protector = None
     if args.protector:
         protector, meta = load_protector(args.protector, device=device)
@@ -173,13 +209,15 @@ def _run(args, info, device) -> int:
     if not all_agree(info, refusal is None):  # also the barrier after rank 0's preparation
         raise refusal or ValueError("rank 0 refused the run; see its message")
     try:
-        return _sample_and_merge(args, info, device, out, sampler, protector, shape_chw,
-                                 plan, manifest, run)  # fmt: skip
+        return _sample_and_merge(args, info, device, out, sampler, eps_model, protector, t2i,
+                                 shape_chw, plan, manifest, run)  # fmt: skip
     finally:
         lock.release()
 
 
-def _sample_and_merge(args, info, device, out, sampler, protector, shape_chw, plan, manifest, run):
+def _sample_and_merge(
+    args, info, device, out, sampler, eps_model, protector, t2i, shape_chw, plan, manifest, run
+):
     from ..distributed import all_sum, barrier
     from ..shards import ShardError, read_shard, shard_path, write_shard
 
@@ -207,6 +245,7 @@ def _sample_and_merge(args, info, device, out, sampler, protector, shape_chw, pl
     t0 = time.perf_counter()
     done = 0
     for b, start, size in tqdm(todo, disable=args.no_progress or info.rank != 0, desc="batches"):
+        _condition_batch(args, eps_model, t2i, start, size, device)
         x, trace = sampler.sample(
             (size, *shape_chw),
             seed=args.seed,
@@ -214,6 +253,8 @@ def _sample_and_merge(args, info, device, out, sampler, protector, shape_chw, pl
             return_trace=True,
             device=device,
         )
+        if t2i is not None:
+            x = t2i.decode(x)  # latents -> images in [-1, 1]
         write_shard(
             out,
             b,
@@ -245,6 +286,10 @@ def _sample_and_merge(args, info, device, out, sampler, protector, shape_chw, pl
             "device": str(device),
             "run_id": run,
             "output": args.output,
+            "class_labels": args.class_labels,
+            "prompt": args.prompt,
+            "negative_prompt": args.negative_prompt,
+            "guidance_scale": args.guidance_scale if args.prompt else None,
             "rank0_seconds": elapsed,
             "rank0_images_per_second": done / elapsed if done and elapsed > 0 else None,
             **stats,
@@ -408,6 +453,9 @@ def _manifest(args, shape_chw) -> dict:
     keys = ("model", "protector", "num_samples", "batch_size", "steps", "eta", "scale", "alpha",
             "mode", "seed", "bf16", "channels_last")  # fmt: skip
     manifest = {k: getattr(args, k) for k in keys}
+    for k in ("class_labels", "prompt", "negative_prompt", "guidance_scale"):
+        if getattr(args, "prompt", None) or (k == "class_labels" and args.class_labels):
+            manifest[k] = getattr(args, k)  # only when used: old manifests stay valid
     manifest["shape"] = list(shape_chw)
     if args.use_clipped_model_output:  # only when set: earlier runs' manifests stay valid
         manifest["use_clipped_model_output"] = True
@@ -420,6 +468,32 @@ def _manifest(args, shape_chw) -> dict:
             manifest[k] = str(path)
             manifest[f"{k}_files"] = _file_stamp(path)
     return manifest
+
+
+def _check_class_labels(eps_model, labels) -> None:
+    """Clear error before sampling when --class-labels cannot condition this model."""
+    unet = getattr(eps_model, "unet", None)
+    cfg = getattr(unet, "config", None)
+    n = None if cfg is None else cfg.get("num_class_embeds", None)
+    if cfg is None or (n is None and cfg.get("class_embed_type", None) is None):
+        raise ValueError("--class-labels needs a class-conditional diffusers UNet2DModel --model")
+    if n is not None and any(not 0 <= y < n for y in labels):
+        raise ValueError(f"--class-labels must lie in [0, {n}), got {labels}")
+
+
+def _condition_batch(args, eps_model, t2i, start: int, size: int, device) -> None:
+    """Per-sample labels/prompts of global samples start … start+size-1 (rank-invariant)."""
+    from ..diffusers.conditioning import cycle_slice
+
+    if args.class_labels:
+        labels = torch.tensor(cycle_slice(args.class_labels, start, size), device=device)
+        eps_model.call_kwargs = {**eps_model.call_kwargs, "class_labels": labels}
+    if t2i is not None:
+        neg = args.negative_prompt
+        t2i.set_prompts(
+            cycle_slice(args.prompt, start, size),
+            None if neg is None else cycle_slice(neg, start, size),
+        )
 
 
 def _same_schedule(config: dict, schedule) -> bool:

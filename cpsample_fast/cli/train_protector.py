@@ -62,6 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--normalize", action="store_true", help="rescale min/max onto [-1, 1] (npz floats)"
     )
+    d.add_argument(
+        "--vae",
+        default=None,
+        metavar="DIR",
+        help="local diffusers pipeline (vae/ inside) or AutoencoderKL directory: train a latent "
+        "protector on the images' latents (latent_dist mean × scaling_factor, cached in --out); "
+        "a pipeline's scheduler/scheduler_config.json then gives the noise schedule",
+    )
     t = parser.add_argument_group("training")
     t.add_argument(
         "--steps", type=A.int_at_least(1), default=1000, help="optimiser steps (default 1000)"
@@ -163,6 +171,33 @@ def _load_data(args):
     return images, None
 
 
+def _latents(args, out, members, holdout, device):
+    """Encode members/holdout through ``--vae`` once (cached); the pipeline's schedule."""
+    from ..diffusers.latents import encode_latents
+    from ..integrations.diffusers import _require_diffusers
+    from ..io import read_json
+    from ..schedule import NoiseSchedule
+
+    diffusers = _require_diffusers()
+    root = Path(args.vae)
+    vae_dir = root / "vae" if (root / "vae" / "config.json").is_file() else root
+    if not (vae_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--vae: no config.json in {str(root)!r} or its vae/ folder")
+    vae = diffusers.AutoencoderKL.from_pretrained(
+        vae_dir, local_files_only=True, use_safetensors=True
+    )
+    vae = vae.eval().requires_grad_(False).to(device)
+    kw = dict(progress=not args.no_progress)
+    members = encode_latents(vae, members, cache=out / "latents.safetensors", **kw)
+    if holdout is not None:
+        holdout = encode_latents(vae, holdout, cache=out / "holdout_latents.safetensors", **kw)
+    sched_file = root / "scheduler" / "scheduler_config.json"
+    schedule = None
+    if sched_file.is_file():
+        schedule = NoiseSchedule.from_diffusers(read_json(sched_file))
+    return members, holdout, schedule
+
+
 def main(args) -> int:
     """Run ``cpsample train-protector``; 0 on success, 2 (one line on stderr) on bad input."""
     from ..distributed import RankInfo, all_agree, init_process_group
@@ -191,6 +226,9 @@ def _run(args, info, device, all_agree) -> int:
     out = ensure_writable_dir(args.out, "--out")
     members, holdout = _load_data(args)
     schedule = NoiseSchedule(args.num_train_timesteps, beta_schedule=SCHEDULES[args.schedule])
+    if args.vae:
+        members, holdout, vae_schedule = _latents(args, out, members, holdout, device)
+        schedule = vae_schedule or schedule
     lock = OutputLock(out, "--out")
     refusal = None
     if info.rank == 0:
@@ -231,6 +269,7 @@ def _run(args, info, device, all_agree) -> int:
             progress=not args.no_progress,
             report_bins=args.report_bins,
             callback=clear_finished,
+            latent=bool(args.vae),
         )
         if info.rank != 0:
             return 0
@@ -248,6 +287,8 @@ def _run(args, info, device, all_agree) -> int:
             "steps_run": report.training["steps_run"],
             "world_size": info.world_size,
             "acting_range_95": report.acting_range(),
+            "latent": bool(args.vae),
+            "schedule": schedule.to_config(),
         }
         write_json_atomic(out / "result.json", result)  # last: the run is finished
         print(json.dumps(result))
