@@ -146,9 +146,11 @@ def test_guided_wrapper_equals_fast_cpsampler_under_ddim(
     assert torch.equal(trace.gate.cpu(), sched.trace.gate)
 
 
-def test_consistent_clip_rule_in_one_ddim_step():
-    """docs/ALGORITHM.md §3 step 6 by hand: x' = sp·clip(x̂0_g) + d·(ε − (sa/s1)·Δ)."""
-    sched = diffusers.DDIMScheduler(clip_sample=True)
+@pytest.mark.parametrize("kind", ["DDIMScheduler", "DDPMScheduler"])
+def test_guidance_after_the_clip_in_one_step(kind):
+    """docs/ALGORITHM.md §3 step 6 by hand: x̂0_hat = clip(x̂0) − (s1/sa)·G, ε̂ = ε + G; the step
+    moves by k·shift whatever the clip did (DDIM k = sp − d·sa/s1, DDPM k = c0)."""
+    sched = getattr(diffusers, kind)(clip_sample=True)
     n = 10
     sched.set_timesteps(n)
     t = sched.timesteps[7]  # a low-noise step: x̂0 saturates the clip for large x
@@ -158,25 +160,40 @@ def test_consistent_clip_rule_in_one_ddim_step():
     prot = LinearProtector(k=40.0)
     scale = 5.0
     wrapped = ProtectedScheduler(sched, prot, scale=scale, alpha=0.5)
-    got = wrapped.step(eps, t, x).prev_sample
+    step_kw = {} if kind == "DDIMScheduler" else {"generator": torch.Generator().manual_seed(1)}
+    res = wrapped.step(eps, t, x, **step_kw)
     abar = sched.alphas_cumprod[int(t)]
     abar_p = sched.alphas_cumprod[int(t) - 1000 // n]
-    sa, s1, sp, d = abar**0.5, (1 - abar) ** 0.5, abar_p**0.5, (1 - abar_p) ** 0.5
+    sa, s1, sp = abar**0.5, (1 - abar) ** 0.5, abar_p**0.5
     xr = x.clone().requires_grad_(True)
     f = prot(xr, None)
     w = torch.sigmoid(-f.abs()) * torch.sign(f)  # repel: w(f)·sign(f)
     (grad,) = torch.autograd.grad(f, xr, grad_outputs=w)
     G = scale * s1 * grad
     x0 = (x - s1 * eps) / sa
-    x0_g = x0 - (s1 / sa) * G
-    delta = x0_g.clamp(-1, 1) - x0.clamp(-1, 1)
-    want = sp * x0_g.clamp(-1, 1) + d * (eps - (sa / s1) * delta)
-    assert (got - want).abs().max().item() < 1e-5
-    plain = sched.step(eps, t, x).prev_sample
-    # the guidance moves the step along its clipped shift of x̂0, never against it
-    moved = (sp - d * sa / s1) * delta
-    assert (got - plain - moved).abs().max().item() < 1e-5
-    assert delta.abs().max() > 0.1 and (x0.abs() > 1).any()
+    x0_hat = x0.clamp(-1, 1) - (s1 / sa) * G
+    if kind == "DDIMScheduler":
+        d = (1 - abar_p) ** 0.5
+        want = sp * x0_hat + d * (eps + G)
+        k = sp - d * sa / s1
+    else:
+        beta = 1 - abar / abar_p
+        c0 = sp * beta / (1 - abar)
+        ct = (1 - beta) ** 0.5 * (1 - abar_p) / (1 - abar)
+        k = c0
+        step_kw = {"generator": torch.Generator().manual_seed(1)}
+        noise = sched.step(eps, t, x, **step_kw).prev_sample - (c0 * x0.clamp(-1, 1) + ct * x)
+        want = c0 * x0_hat + ct * x + noise
+    assert (res.prev_sample - want).abs().max().item() < 1e-5
+    assert (res.pred_original_sample - x0_hat).abs().max().item() < 1e-5
+    if kind == "DDPMScheduler":
+        step_kw = {"generator": torch.Generator().manual_seed(1)}
+    plain = sched.step(eps, t, x, **step_kw).prev_sample
+    # the guidance's effect is k·shift with k > 0 whatever the clip did: never towards confidence
+    shift = -(s1 / sa) * G
+    assert k > 0
+    assert (res.prev_sample - plain - k * shift).abs().max().item() < 1e-5
+    assert (x0.abs() > 1).any() and (x0_hat.abs() > 1).any()  # the clip and the guidance both act
 
 
 def test_learned_variance_output_is_sliced():

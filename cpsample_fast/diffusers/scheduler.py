@@ -24,14 +24,13 @@ Where the noisy sample lives:
 The protector is called with the timestep the scheduler hands the model, rounded to an integer
 training timestep.
 
-Clipping (docs/ALGORITHM.md §3 step 6): with ``clip_sample`` the wrapper clips the model's own
-x̂0 as the inner step would, then applies the guidance after the clip,
-``x̂0_hat = clip(x̂0) − (s1/sa)·G``, ``ε̂_hat = ε + G`` (``ε̂_hat = (x_t − sa·x̂0_hat)/s1`` with
-``use_clipped_model_output``), and runs the inner step with its clip switched off for that call
-(the guided x̂0 may leave the range by the guidance's own shift). ``DDIMScheduler`` reads the
-sample only through (x̂0, ε), so it is handed ``sample' = sa·x̂0_hat + s1·ε̂_hat`` and the matching
-model output, and its step is exactly ``sp·x̂0_hat + d·ε̂_hat + σ·z``, the fast sampler's step;
-DDPM-style steps (``DDPMScheduler``, Heun) pair x̂0 with the real x_t and are handed x̂0_hat there.
+Clipping (docs/ALGORITHM.md §3 step 6): the guidance acts after the clip. ``DDIMScheduler`` and
+``DDPMScheduler`` with ``clip_sample`` take the step on the model's own output (their clip, their
+noise, ``use_clipped_model_output`` as given) and the wrapper adds the guidance's effect: x̂0 moves
+by ``-(s1/sa)·G`` and the step's output by ``k`` times that, ``k`` its derivative in x̂0 at fixed
+x_t (DDIM ``sp − d·sa/s1``, DDPM the posterior mean's ``c0``) — exactly the fast sampler's step.
+Other clipping steps (Heun) pair x̂0 with the real x_t and are handed the guided x̂0, which their
+clip then caps (consistent, but weaker).
 Samples the gate leaves shut get the inner step's own arguments, bit for bit.
 """
 
@@ -291,43 +290,58 @@ class ProtectedScheduler:
             x0, eps = o, (xt - sa * o) / s1
         else:
             x0, eps = sa * xt - s1 * o, sa * o + s1 * xt
-        clips = bool(inner.config.get("clip_sample", False))
-        if clips:  # the model's own x̂0 is clipped as the inner step would clip it
-            c = float(inner.config.get("clip_sample_range", 1.0))
-            x0 = x0.clamp(-c, c)
-        # guidance after the clip (docs/ALGORITHM.md §3 step 6)
-        x0_hat = x0 - (s1 / sa) * G
-        eps_hat = eps + G
-        new_sample = sample
-        if not clips:
-            out = _to_prediction(pred, x0_hat, eps_hat, xt, sa, s1)
-        elif type(inner).__name__ == "DDIMScheduler":
-            # DDIM's update reads the sample only through (x̂0, ε): hand it the pair itself
-            bound = self._step_params.bind(model_output, timestep, sample, *args, **kwargs)
-            if bound.arguments.get("use_clipped_model_output", False):
-                eps_hat = (xt - sa * x0_hat) / s1
-            xt_new = sa * x0_hat + s1 * eps_hat
-            out = _to_prediction(pred, x0_hat, eps_hat, xt_new, sa, s1)
-            new_sample = xt_new.to(sample.dtype)
-        else:
-            # DDPM-style steps pair x̂0 with x_t itself: hand x̂0 at the real x_t
-            out = _to_prediction(pred, x0_hat, (xt - sa * x0_hat) / s1, xt, sa, s1)
+        if inner.config.get("clip_sample", False):
+            kind = type(inner).__name__
+            if kind in ("DDIMScheduler", "DDPMScheduler"):
+                return self._step_after_clip(
+                    kind, model_output, extra, timestep, sample, G, m, sa, s1, args, kwargs
+                )
+            # other clipping steps pair x̂0 with the real x_t (Heun): the guided x̂0 is clipped
+            # with the model's part, consistently but with the leverage capped by the clip
+        out = _to_prediction(pred, x0 - (s1 / sa) * G, eps + G, xt, sa, s1)
         # samples the gate left shut keep the inner step's own inputs, bit for bit
         keep = ~m.reshape(-1, *([1] * (sample.dim() - 1)))
         out = torch.where(keep, model_output, out.to(model_output.dtype))
-        if new_sample is not sample:
-            new_sample = torch.where(keep, sample, new_sample)
         if extra is not None:
             out = torch.cat([out, extra], dim=1)
-        if not clips:
-            return inner.step(out, timestep, new_sample, *args, **kwargs)
-        # the clip was applied above, to the model's part only; the guided x̂0 may leave the
-        # range by the guidance's own shift, so the inner step must not clip it again
-        inner.register_to_config(clip_sample=False)
-        try:
-            return inner.step(out, timestep, new_sample, *args, **kwargs)
-        finally:
-            inner.register_to_config(clip_sample=True)
+        return inner.step(out, timestep, sample, *args, **kwargs)
+
+    def _step_after_clip(self, kind, model_output, extra, timestep, sample, G, m, sa, s1, args,
+                         kwargs):  # fmt: skip
+        """DDIM/DDPM with ``clip_sample``: the inner step runs on the model's own output (its
+        clip, its noise), then the guidance's effect is added (docs/ALGORITHM.md §3 step 6):
+        x̂0 moves by ``shift = -(s1/sa)·G`` after the clip, and the step's output by
+        ``k·shift`` with ``k`` its derivative in x̂0 at fixed x_t (DDIM: ``sp - d·sa/s1``, also
+        with ``use_clipped_model_output``; DDPM: the posterior mean's ``c0``)."""
+        inner = self._inner
+        full = model_output if extra is None else torch.cat([model_output, extra], dim=1)
+        res = inner.step(full, timestep, sample, *args, **kwargs)
+        bound = self._step_params.bind(model_output, timestep, sample, *args, **kwargs)
+        t = int(timestep)
+        ac = inner.alphas_cumprod
+        if kind == "DDIMScheduler":
+            prev_t = t - inner.config.num_train_timesteps // inner.num_inference_steps
+            a_prev = ac[prev_t] if prev_t >= 0 else inner.final_alpha_cumprod
+            eta = float(bound.arguments.get("eta", 0.0))
+            var = inner._get_variance(t, prev_t)
+            d = (1 - a_prev - eta**2 * var) ** 0.5
+            k = float(a_prev**0.5 - d * sa / s1)
+        else:
+            prev_t = int(inner.previous_timestep(t))
+            a_prev = ac[prev_t] if prev_t >= 0 else inner.one
+            beta_t = 1 - ac[t] / a_prev
+            k = float(a_prev**0.5 * beta_t / (1 - ac[t]))
+        shift = -(s1 / sa) * G
+        keep = ~m.reshape(-1, *([1] * (sample.dim() - 1)))
+
+        def moved(v, coef):
+            return torch.where(keep, v, (v.float() + coef * shift).to(v.dtype))
+
+        if isinstance(res, tuple):
+            return (moved(res[0], k), moved(res[1], 1.0), *res[2:])
+        res.prev_sample = moved(res.prev_sample, k)
+        res.pred_original_sample = moved(res.pred_original_sample, 1.0)
+        return res
 
 
 def _check_fits(protector, sample) -> None:
