@@ -331,6 +331,7 @@ class CPSampler:
         device=None,
         callback=None,
         progress: bool = False,
+        generator=None,
     ):
         """Draw protected samples (SPEC §3), same keyword arguments as ``reference_sample``.
 
@@ -344,6 +345,10 @@ class CPSampler:
             device: where to sample (default: ``noise``'s device, else the eps-model's, else CPU).
             callback: optional ``callback(step, t, x)``; called after every step (it may sync).
             progress: show a tqdm bar over the steps (host-side only: it adds no sync).
+            generator: a ``torch.Generator`` (or one per sample) that draws x_T and each step's
+                noise exactly as diffusers' ``DDIMPipeline`` does (x_T in the eps-model's
+                dtype, then one draw per step when η > 0), so scale 0 reproduces a pipeline run.
+                Replaces ``seed``; not with ``noise``/``step_noise``.
 
         Returns:
             Final images ``[B, C, H, W]`` float32 (and the trace when asked).
@@ -362,6 +367,20 @@ class CPSampler:
             else None,
         )
         tables = self._device_tables(device)
+        gen_draw = None
+        if generator is not None:
+            # diffusers-compatible noise (docs/ALGORITHM.md §4): x_T, then z per step if η > 0
+            from .diffusers._noise import check_generator, randn_like_diffusers
+
+            if noise is not None or step_noise is not None:
+                raise ValueError("generator= replaces noise=/step_noise=; give one or the other")
+            check_generator(generator, shape[0])
+            gen_dtype = self._eps.dtype or torch.float32
+
+            def gen_draw():
+                return randn_like_diffusers(shape, generator, device, gen_dtype).float()
+
+            noise = gen_draw()
         if noise is not None:
             x = noise.to(device=device, dtype=torch.float32).contiguous()
         else:
@@ -375,7 +394,7 @@ class CPSampler:
             dtype=torch.int64,
             device=device,
         )
-        draw = self.eta > 0 and step_noise is None
+        draw = self.eta > 0 and step_noise is None and gen_draw is None
         trace = SamplingTrace.empty(self.timesteps, B, device) if return_trace else None
         first_bad = torch.full((3,), n, dtype=torch.int64, device=device)
         graphs = self.uses_cuda_graphs and device.type == "cuda"
@@ -387,6 +406,8 @@ class CPSampler:
         for k in steps:
             k_t = tables["steps"][k]
             z = step_noise[k].contiguous() if (step_noise is not None and self.eta > 0) else None
+            if gen_draw is not None and self.eta > 0:
+                z = gen_draw()  # DDIMScheduler.step draws after the model call, as here
             guided = self._guided_steps[k]
             if graphs:
                 # CUDA graphs: a new iteration; the previous replay's outputs may be reused

@@ -45,6 +45,38 @@ _UNSUPPORTED_DIFFUSERS: dict[str, Any] = {
 }
 
 
+# schedulers whose configs carry DDIM's keys with DDIM's meaning
+_DDIM_CONFIG_CLASSES = (None, "DDIMScheduler", "DDPMScheduler")
+_SIGMA_KEYS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
+
+
+def _warn_unhonoured(config: Mapping[str, Any], kwargs: dict[str, Any], cls_name=None) -> None:
+    """Say what ``from_diffusers`` drops (it converts to a DDIM schedule), never silently."""
+    import warnings
+
+    cls_name = config.get("_class_name", cls_name)
+    if cls_name not in _DDIM_CONFIG_CLASSES:
+        warnings.warn(
+            f"from_diffusers: a {cls_name} config becomes a DDIM schedule (same betas); the "
+            f"{cls_name} sampler itself is not kept — wrap it in "
+            "cpsample_fast.diffusers.ProtectedScheduler to sample with it",
+            stacklevel=3,
+        )
+        if "clip_sample" not in config:
+            kwargs["clip_sample"] = False
+            warnings.warn(
+                f"from_diffusers: {cls_name} does not clip x0; using clip_sample=False",
+                stacklevel=3,
+            )
+    for key in _SIGMA_KEYS:
+        if config.get(key):
+            warnings.warn(
+                f"from_diffusers: {key}=True is not honoured; DDIM timesteps follow "
+                f"timestep_spacing={config.get('timestep_spacing', 'leading')!r}",
+                stacklevel=3,
+            )
+
+
 def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
     """Glide's ``squaredcos_cap_v2`` betas, as diffusers' ``betas_for_alpha_bar`` (cosine).
 
@@ -335,6 +367,12 @@ class NoiseSchedule:
             ValueError: for features this package does not implement (``thresholding=True``,
                 ``rescale_betas_zero_snr=True``) or unknown ``beta_schedule`` /
                 ``timestep_spacing`` / ``prediction_type`` values, naming the key.
+
+        Warns (``UserWarning``) on what a DDIM schedule cannot honour: a config of another
+        sampler (Euler, DPM-Solver, …; its noise levels are kept, its sampler is not — use
+        ``cpsample_fast.diffusers.ProtectedScheduler`` to keep it), Karras/exponential/beta
+        sigmas, and a missing ``clip_sample`` in such a config (then ``clip_sample=False``: those
+        samplers do not clip).
         """
         config = getattr(obj, "config", obj)
         if not isinstance(config, Mapping):
@@ -349,6 +387,7 @@ class NoiseSchedule:
                     f"NoiseSchedule (only {key}={supported!r})"
                 )
         kwargs = {key: config[key] for key in _DEFAULTS if key in config}
+        _warn_unhonoured(config, kwargs, None if obj is config else type(obj).__name__)
         if kwargs.get("trained_betas") is not None:
             kwargs["trained_betas"] = np.asarray(kwargs["trained_betas"])
         return cls(**kwargs)

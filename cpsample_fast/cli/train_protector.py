@@ -38,6 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--normalize", action="store_true", help="rescale min/max onto [-1, 1] (npz floats)"
     )
+    d.add_argument(
+        "--vae",
+        default=None,
+        metavar="DIR",
+        help="local diffusers pipeline (vae/ inside) or AutoencoderKL directory: train a latent "
+        "protector on the images' latents (latent_dist mean × scaling_factor, cached in --out); "
+        "a pipeline's scheduler/scheduler_config.json then gives the noise schedule",
+    )
     t = parser.add_argument_group("training")
     t.add_argument("--steps", type=int, default=1000, help="optimiser steps (default 1000)")
     t.add_argument("--batch-size", type=int, default=64, help="members per step (default 64)")
@@ -110,6 +118,33 @@ def _load_data(args):
     return images, None
 
 
+def _latents(args, out, members, holdout, device):
+    """Encode members/holdout through ``--vae`` once (cached); the pipeline's schedule."""
+    from ..diffusers.latents import encode_latents
+    from ..integrations.diffusers import _require_diffusers
+    from ..io import read_json
+    from ..schedule import NoiseSchedule
+
+    diffusers = _require_diffusers()
+    root = Path(args.vae)
+    vae_dir = root / "vae" if (root / "vae" / "config.json").is_file() else root
+    if not (vae_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--vae: no config.json in {str(root)!r} or its vae/ folder")
+    vae = diffusers.AutoencoderKL.from_pretrained(
+        vae_dir, local_files_only=True, use_safetensors=True
+    )
+    vae = vae.eval().requires_grad_(False).to(device)
+    kw = dict(progress=not args.no_progress)
+    members = encode_latents(vae, members, cache=out / "latents.safetensors", **kw)
+    if holdout is not None:
+        holdout = encode_latents(vae, holdout, cache=out / "holdout_latents.safetensors", **kw)
+    sched_file = root / "scheduler" / "scheduler_config.json"
+    schedule = None
+    if sched_file.is_file():
+        schedule = NoiseSchedule.from_diffusers(read_json(sched_file))
+    return members, holdout, schedule
+
+
 def main(args) -> int:
     """Run ``cpsample train-protector``; 0 on success, 2 on bad input."""
     import torch
@@ -123,6 +158,9 @@ def main(args) -> int:
         members, holdout = _load_data(args)
         schedule = NoiseSchedule(args.num_train_timesteps, beta_schedule=SCHEDULES[args.schedule])
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if args.vae:
+            members, holdout, vae_schedule = _latents(args, out, members, holdout, device)
+            schedule = vae_schedule or schedule
         net, report = train_protector(
             members,
             schedule=schedule,
@@ -141,6 +179,7 @@ def main(args) -> int:
             resume=not args.no_resume,
             progress=not args.no_progress,
             report_bins=args.report_bins,
+            latent=bool(args.vae),
         )
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"cpsample train-protector: {err}", file=sys.stderr)
@@ -158,6 +197,8 @@ def main(args) -> int:
         "holdout": 0 if holdout is None else int(holdout.shape[0]),
         "steps_run": report.training["steps_run"],
         "acting_range_95": report.acting_range(),
+        "latent": bool(args.vae),
+        "schedule": schedule.to_config(),
     }
     write_json_atomic(out / "result.json", result)
     print(json.dumps(result))

@@ -28,6 +28,10 @@ def _require_diffusers():
 class DiffusersEpsModel(nn.Module):
     """``eps_model(x, t)`` view of a diffusers ``UNet2DModel``/``UNet2DConditionModel``.
 
+    A learned-variance UNet (``out_channels = 2C``, e.g. improved-DDPM checkpoints) returns
+    the mean prediction and the variance channels; only the first ``C`` (the model's ε, v or x0
+    prediction) are returned.
+
     Args:
         unet: the diffusers UNet; its dtype and memory format are kept (the sampler feeds it
             inputs in its own dtype).
@@ -42,17 +46,45 @@ class DiffusersEpsModel(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # [B,C,H,W], [B]
         out = self.unet(x, t, **self.call_kwargs)
-        return out.sample if hasattr(out, "sample") else out[0]
+        out = out.sample if hasattr(out, "sample") else out[0]
+        if out.dim() == 4 and out.shape[1] == 2 * x.shape[1]:
+            out = out[:, : x.shape[1]]  # learned variance: keep the prediction, drop the variance
+        return out
 
 
-def from_pipeline(pipeline) -> tuple[DiffusersEpsModel, NoiseSchedule]:
-    """``(eps_model, schedule)`` from a diffusers pipeline with ``.unet`` and ``.scheduler``."""
-    if not hasattr(pipeline, "unet") or not hasattr(pipeline, "scheduler"):
+def from_pipeline(
+    pipeline, *, as_ddim: bool = False, **unet_kwargs
+) -> tuple[DiffusersEpsModel, NoiseSchedule]:
+    """``(eps_model, schedule)`` for :class:`~cpsample_fast.CPSampler` from a diffusers pipeline.
+
+    The UNet is frozen (``eval()``, no parameter gradients). ``CPSampler`` samples DDIM, so a
+    pipeline whose scheduler is not a ``DDIMScheduler`` (``DDPMPipeline``, an Euler or
+    DPM-Solver pipeline) is refused unless ``as_ddim=True`` says that DDIM with the pipeline's
+    noise schedule is what you want; ``cpsample_fast.diffusers.CPSamplePipeline.from_pipe`` or
+    ``ProtectedScheduler`` keep the pipeline's own sampler.
+
+    Args:
+        pipeline: a diffusers pipeline with ``.unet`` and ``.scheduler``.
+        as_ddim: accept a non-DDIM scheduler and sample DDIM from its noise schedule.
+        **unet_kwargs: passed to every UNet call (e.g. ``class_labels=...``).
+    """
+    if getattr(pipeline, "unet", None) is None or getattr(pipeline, "scheduler", None) is None:
         raise TypeError(
             "pipeline must have .unet and .scheduler (e.g. DDPMPipeline, DDIMPipeline), "
             f"got {type(pipeline).__name__}"
         )
-    return DiffusersEpsModel(pipeline.unet), NoiseSchedule.from_diffusers(pipeline.scheduler)
+    scheduler = getattr(pipeline.scheduler, "inner", pipeline.scheduler)
+    name = type(scheduler).__name__
+    if name != "DDIMScheduler" and not as_ddim:
+        raise ValueError(
+            f"pipeline.scheduler is a {name}, but CPSampler samples DDIM: use "
+            "cpsample_fast.diffusers.CPSamplePipeline.from_pipe(pipeline, protector=...) to "
+            f"sample with the {name} step, or from_pipeline(pipeline, as_ddim=True) to sample "
+            "DDIM from its noise schedule"
+        )
+    unet = pipeline.unet
+    unet.eval().requires_grad_(False)
+    return DiffusersEpsModel(unet, **unet_kwargs), NoiseSchedule.from_diffusers(scheduler)
 
 
 def load_diffusers(

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -206,6 +207,19 @@ def _load_train_state(ckpt_dir: Path, identity: dict) -> tuple[dict, dict] | Non
     return state, load_safetensors(ckpt_dir / state["weights"])
 
 
+def _as_latents(latents, name: str) -> torch.Tensor:
+    """Latents ``[N, C, H, W]`` as float32: finite, any range (``train_protector(latent=True)``)."""
+    if isinstance(latents, np.ndarray):
+        latents = torch.from_numpy(latents)
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor [N, C, H, W] of latents")
+    if latents.dim() != 4 or latents.numel() == 0:
+        raise ValueError(f"{name} must have shape [N, C, H, W], got {tuple(latents.shape)}")
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return latents.float()
+
+
 def train_protector(
     images,
     *,
@@ -234,6 +248,7 @@ def train_protector(
     report_bins: int = 10,
     report_max_images: int = 4096,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    latent: bool = False,
 ) -> tuple[nn.Module, ProtectorReport]:
     """Train a protector to memorise random labels of ``images`` under noise (SPEC §2).
 
@@ -269,6 +284,9 @@ def train_protector(
         report_max_images: The report (and the early-stop check) scores the first this many
             members and hold-out images once per bin.
         callback: Called as ``callback(step, metrics)`` after every step (after checkpointing).
+        latent: ``images``/``holdout`` are latents (e.g. a VAE's ``latent_dist`` × scaling
+            factor, see ``cpsample_fast.diffusers.encode_latents``): finite floats of any range,
+            not pixels in [-1, 1]. Recorded in the settings.
 
     Returns:
         ``(protector, report)``: the trained module (eval mode) and a :class:`ProtectorReport`
@@ -276,8 +294,9 @@ def train_protector(
     """
     from tqdm.auto import tqdm
 
-    x = as_image_tensor(images, "images")
-    h = None if holdout is None else as_image_tensor(holdout, "holdout")
+    as_batch = _as_latents if latent else as_image_tensor
+    x = as_batch(images, "images")
+    h = None if holdout is None else as_batch(holdout, "holdout")
     if h is not None and h.shape[1:] != x.shape[1:]:
         raise ValueError(
             f"holdout images have shape {tuple(h.shape[1:])}, members {tuple(x.shape[1:])}"
@@ -335,6 +354,8 @@ def train_protector(
         "architecture": getattr(net, "config", None) or type(net).__qualname__,
         "schedule_sha256": hashlib.sha256(ac.numpy().tobytes()).hexdigest(),
     }
+    if latent:  # only then, so existing checkpoints keep their identity
+        identity["latent"] = True
     step, running_acc, loss_value, stopped_early, last_eval = 0, 0.5, float("nan"), False, None
     if ckpt_dir is not None and resume:
         loaded = _load_train_state(ckpt_dir, identity)
