@@ -202,8 +202,9 @@ def test_op_opcheck_and_strides():
     for backend in ["torch"] + [b for b in ops.available_backends("cpu") if b != "torch"]:
         args = (x, o, G, prev, coefs, 0, True, backend)
         torch.library.opcheck(torch.ops.cpsample.dpm_update.default, args)
-        torch.library.opcheck(torch.ops.cpsample.dpm_update.default, (x, o, None, prev, coefs, 1,
-                                                                      False, backend))
+        torch.library.opcheck(
+            torch.ops.cpsample.dpm_update.default, (x, o, None, prev, coefs, 1, False, backend)
+        )
     cl = x.to(memory_format=torch.channels_last)
     a = ops.dpm_update(cl, o, G, prev, coefs, prediction_type=0, clip_sample=True)
     b = ops.dpm_update(x, o, G, prev, coefs, prediction_type=0, clip_sample=True)
@@ -219,8 +220,9 @@ def test_op_gradient_equals_autograd_of_the_torch_formula():
     for clip in (False, True):
         for backend in ops.available_backends("cpu"):
             leaves = [t.clone().requires_grad_(True) for t in inputs]
-            out, x0 = ops.dpm_update(leaves[0], leaves[1], leaves[2], leaves[3], coefs,
-                                     prediction_type=1, clip_sample=clip, backend=backend)  # fmt: skip
+            out, x0 = ops.dpm_update(
+                *leaves, coefs, prediction_type=1, clip_sample=clip, backend=backend
+            )
             got = torch.autograd.grad(out.sum() + 2 * x0.sum(), leaves)
             ref = [t.clone().requires_grad_(True) for t in inputs]
             a, b = _torch.dpm_update(ref[0], ref[1], ref[2], ref[3], coefs, 1, clip)
