@@ -29,7 +29,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protector", help="protector checkpoint (.safetensors or its folder)")
     p.add_argument("--num-samples", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    p.add_argument(
+        "--solver",
+        default="ddim",
+        choices=["ddim", "dpmsolver++"],
+        help="ddim (default) or dpmsolver++ (diffusers' DPM-Solver++(2M); needs --eta 0 and "
+        "--steps >= 2; reaches DDIM-50's quality in fewer steps)",
+    )
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--scale", type=float, default=1000.0, help="guidance scale s (default 1000)")
     p.add_argument("--alpha", type=float, default=0.001, help="gate threshold α (default 0.001)")
@@ -115,6 +122,7 @@ def main(args) -> int:
         mode=args.mode,
         backend=args.backend,
         compile=args.compile,
+        solver=args.solver,
     )
     shape_chw = _sample_shape(eps_model, protector)
     check_manifest(out, _manifest(args, shape_chw), info, resume=not args.no_resume)
@@ -178,6 +186,7 @@ def main(args) -> int:
             "num_samples": args.num_samples,
             "steps": args.steps,
             "eta": args.eta,
+            "solver": args.solver,
             "scale": sampler.scale,
             "alpha": args.alpha,
             "mode": args.mode,
@@ -216,6 +225,8 @@ def _manifest(args, shape_chw) -> dict:
             "mode", "seed", "bf16", "channels_last")  # fmt: skip
     manifest = {k: getattr(args, k) for k in keys}
     manifest["shape"] = list(shape_chw)
+    if args.solver != "ddim":  # absent for DDIM: runs written before --solver still resume
+        manifest["solver"] = args.solver
     for k in ("model", "protector"):
         value = getattr(args, k)
         if value and Path(value).exists():
