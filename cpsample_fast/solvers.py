@@ -65,6 +65,16 @@ def check_solver(solver, *, eta: float = 0.0, num_inference_steps: int | None = 
     return solver
 
 
+def solver_timesteps(schedule, num_inference_steps: int, solver: str = "ddim") -> torch.Tensor:
+    """The training timesteps a solver visits, int64 ``[n]`` (what ``CPSampler(...).timesteps``
+    holds): for code that plans per-step work, e.g. a tuner counting guided steps of a
+    ``guidance_range`` while it searches ``solver`` and ``num_inference_steps``."""
+    check_solver(solver, num_inference_steps=num_inference_steps)
+    if solver == "ddim":
+        return schedule.timesteps(num_inference_steps)
+    return dpm_timesteps(schedule, num_inference_steps)
+
+
 def dpm_timesteps(schedule, num_inference_steps: int) -> torch.Tensor:
     """``DPMSolverMultistepScheduler.set_timesteps(n).timesteps`` for this schedule, int64 ``[n]``.
 

@@ -301,3 +301,11 @@ def test_bad_input_clear_errors():
     with pytest.raises(TypeError, match="dpm_update: model_out must be float32"):
         ops.dpm_update(x, x.double(), None, x, coefs, prediction_type=0, clip_sample=False)
     assert np.isfinite(coefs.numpy()).all()
+
+
+def test_solver_timesteps_is_what_the_sampler_visits():
+    eps, prot, sched = _closed_form_setup()
+    for solver in solvers.SOLVERS:
+        s = cps.CPSampler(eps, None, sched, num_inference_steps=7, solver=solver)
+        assert torch.equal(solvers.solver_timesteps(sched, 7, solver), s.timesteps)
+    assert not torch.equal(solvers.solver_timesteps(sched, 7, "ddim"), s.timesteps)
