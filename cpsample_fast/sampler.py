@@ -270,8 +270,19 @@ class CPSampler:
         k1 = k.reshape(1)
         coefs = tables["coefs"].index_select(0, k1)[0]  # [7]
         t = tables["timesteps"].index_select(0, k1).expand(B)
-        out = self._eps_out(x, t)
-        f, q, m, g, finite_f = self._guidance(x, t, k1, tables, guided, run)
+        if run.side_stream is not None:  # as in _step: the protector on a side stream
+            side = run.side_stream
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                f, q, m, g, finite_f = self._guidance(x, t, k1, tables, guided, run)
+            out = self._eps_out(x, t)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            for tensor in (f, q, m, g, finite_f):
+                if tensor is not None:
+                    tensor.record_stream(torch.cuda.current_stream(x.device))
+        else:
+            out = self._eps_out(x, t)
+            f, q, m, g, finite_f = self._guidance(x, t, k1, tables, guided, run)
         x_next, x0 = ops.dpm_update(
             x,
             out,
