@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--dpm-steps", type=int, nargs="+", default=[5, 6, 8, 10, 12, 15, 20, 25])
     p.add_argument("--fd-tolerance", type=float, default=0.05)
     p.add_argument("--cut-tolerance", type=float, default=0.02)
-    p.add_argument("--out", default="benchmarks/results/dpm_quality_match")
+    p.add_argument("--out", default="benchmarks/dpm_quality_match")
     args = p.parse_args(argv)
 
     def log(msg):
