@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from . import noise as _noise
 from .adapters import ModelCaller
+from .solvers import check_solver, dpm_first_order, dpm_sigmas, dpm_timesteps
 from .trace import SamplingTrace
 from .validation import (
     check_model_output,
@@ -69,6 +70,7 @@ def reference_sample(
     guidance_range: tuple[int, int] | None = None,
     callback=None,
     use_clipped_model_output: bool = False,
+    solver: str = "ddim",
 ):
     """Protected DDIM sampling, SPEC §3 steps 1–7, eagerly and one obvious operation at a time.
 
@@ -94,6 +96,9 @@ def reference_sample(
         callback: optional ``callback(step, t, x)`` after every step.
         use_clipped_model_output: as diffusers' ``DDIMScheduler.step``: the direction term's ε̂
             is re-derived from the clipped x̂0, ``(x_t - √ᾱ_t·x̂0) / √(1-ᾱ_t)``, for every sample.
+        solver: ``"ddim"`` (default) or ``"dpmsolver++"``: diffusers' DPMSolverMultistepScheduler
+            with its defaults (second order, ``η = 0``, ``num_inference_steps >= 2``; see
+            ``cpsample_fast.solvers``); the guidance enters as in DDIM, through x̂0.
 
     Returns:
         The final images ``[B, C, H, W]``, and the trace when ``return_trace``.
@@ -109,6 +114,18 @@ def reference_sample(
     )
     shape = check_shape(shape)
     check_noise_args(shape, num_inference_steps, noise, step_noise)
+    check_solver(solver, eta=eta, num_inference_steps=num_inference_steps)
+    if solver == "dpmsolver++":
+        if use_clipped_model_output:
+            raise ValueError(
+                "use_clipped_model_output is a DDIM option; solver='dpmsolver++' uses x̂0 only"
+            )
+        return _reference_dpmsolver(
+            eps_model, protector, schedule, shape, num_inference_steps=num_inference_steps,
+            scale=scale, alpha=alpha, mode=mode, seed=seed, noise=noise,
+            sample_offset=sample_offset, return_trace=return_trace, device=device, dtype=dtype,
+            guidance_range=guidance_range, callback=callback,
+        )  # fmt: skip
     if not isinstance(use_clipped_model_output, bool):
         raise TypeError(
             f"use_clipped_model_output must be a bool, got {use_clipped_model_output!r}"
@@ -203,6 +220,102 @@ def reference_sample(
             else:
                 z = _noise.step_noise(seed, k, shape, sample_offset=sample_offset, device=device)
             x = x + std * z.to(dtype)
+        _check_finite(x, "the update", k, t)
+        if callback is not None:
+            callback(k, t, x)
+
+    return (x, trace) if return_trace else x
+
+
+def _reference_dpmsolver(
+    eps_model, protector, schedule, shape, *, num_inference_steps, scale, alpha, mode, seed,
+    noise, sample_offset, return_trace, device, dtype, guidance_range, callback,
+):  # fmt: skip
+    """Protected DPM-Solver++(2M), diffusers' ``DPMSolverMultistepScheduler`` defaults, written out.
+
+    Each step: the model's data prediction x̂0 (``convert_model_output``); the protector at x_t
+    and the guidance term ``G = s·σ_t·m·g`` exactly as in the DDIM loop, moving x̂0 by
+    ``-(σ_t/α_t)·G`` (ε̂ = ε + G in the solver's own α_t, σ_t); x̂0 clipped when the schedule
+    clips (the solver reads x̂0 only, so this is the clip-consistent rule of docs/ALGORITHM.md §3
+    step 6 by construction); then the first-order update (step 0 and the last step) or the
+    second-order midpoint update with the previous step's x̂0.
+    """
+    if device is None:
+        device = noise.device if noise is not None else torch.device("cpu")
+    B = shape[0]
+    n = num_inference_steps
+    guided = protector is not None and scale > 0
+    eps_call = ModelCaller(eps_model)
+    prot_call = ModelCaller(protector) if protector is not None else None
+    timesteps = dpm_timesteps(schedule, n)
+    sigmas = dpm_sigmas(schedule, n).to(device=device, dtype=dtype)  # [n + 1], last 0
+    first_order = dpm_first_order(n)
+
+    def alpha_sigma(sigma):  # diffusers' _sigma_to_alpha_sigma_t
+        a = 1 / ((sigma**2 + 1) ** 0.5)
+        return a, sigma * a
+
+    def lam(sigma):
+        a, s = alpha_sigma(sigma)
+        return torch.log(a) - torch.log(s)
+
+    if noise is not None:
+        x = noise.to(device=device, dtype=dtype).clone()
+    else:
+        x = _noise.initial_noise(seed, shape, sample_offset=sample_offset, device=device).to(dtype)
+    trace = SamplingTrace.empty(timesteps, B, device) if return_trace else None
+    x0_prev = None
+    for k in range(n):
+        t = int(timesteps[k])
+        t_batch = torch.full((B,), t, dtype=torch.long, device=device)
+        alpha_s, sigma_s = alpha_sigma(sigmas[k])
+
+        # 1. the data prediction, as convert_model_output
+        out = check_model_output(eps_call(x, t_batch), x, k, t).to(dtype)
+        _check_finite(out, "eps_model", k, t)
+        if schedule.prediction_type == "epsilon":
+            x0 = (x - sigma_s * out) / alpha_s
+        elif schedule.prediction_type == "sample":
+            x0 = out
+        else:  # v_prediction
+            x0 = alpha_s * x - sigma_s * out
+        if schedule.clip_sample:  # the model's own prediction, clipped; guidance acts after
+            x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+
+        # 2-5. protector, gate, G = s·σ_t·m·g (as in the DDIM loop)
+        in_range = guidance_range is None or guidance_range[0] <= t <= guidance_range[1]
+        if guided and in_range:
+            with torch.enable_grad():
+                x_in = x.detach().requires_grad_(True)
+                f = check_protector_output(prot_call(x_in, t_batch), B, k, t).to(dtype)
+                _check_finite(f, "protector", k, t)
+                r = torch.sigmoid(f)
+                m = f.double().abs() > math.log((1 - alpha) / alpha)
+                if return_trace:
+                    trace.logits[k] = f.detach().float()
+                    trace.confidence[k] = torch.maximum(r, 1 - r).detach().float()
+                    trace.gate[k] = m
+                if m.any():
+                    (g,) = torch.autograd.grad(_objective(f, mode).sum(), x_in)
+                    mask = m.to(dtype).view(B, 1, 1, 1)
+                    guidance = scale * sigma_s * mask * g.to(dtype)
+                    # 6. ε̂ = ε + G moves x̂0 by -(σ_t/α_t)·G
+                    x0 = x0 - (sigma_s / alpha_s) * guidance
+
+        # 7. DPM-Solver++ update (dpm_solver_first_order_update / the 2M midpoint update)
+        alpha_t, sigma_t = alpha_sigma(sigmas[k + 1])
+        h = lam(sigmas[k + 1]) - lam(sigmas[k])
+        if first_order[k]:
+            x = (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * x0
+        else:
+            r0 = (lam(sigmas[k]) - lam(sigmas[k - 1])) / h
+            D0, D1 = x0, (1.0 / r0) * (x0 - x0_prev)
+            x = (
+                (sigma_t / sigma_s) * x
+                - (alpha_t * (torch.exp(-h) - 1.0)) * D0
+                - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1
+            )
+        x0_prev = x0
         _check_finite(x, "the update", k, t)
         if callback is not None:
             callback(k, t, x)

@@ -18,6 +18,7 @@ from . import noise as _noise
 from . import ops
 from .adapters import ModelCaller
 from .guidance import mode_id
+from .solvers import check_solver, dpm_coef_table, dpm_timesteps
 from .trace import SamplingTrace
 from .validation import (
     check_model_output,
@@ -98,6 +99,10 @@ class CPSampler:
             is re-derived from the clipped x̂0, ``(x_t - √ᾱ_t·x̂0) / √(1-ᾱ_t)``, for every sample
             (default False: the model's ε, plus the guidance's clipped shift of x̂0 on guided
             samples; docs/CONTRACTS.md "The fused update").
+        solver: ``"ddim"`` (default) or ``"dpmsolver++"``: diffusers' DPMSolverMultistepScheduler
+            defaults (second-order multistep, η = 0, ``num_inference_steps >= 2``), one fused
+            ``cpsample::dpm_update`` per step carrying the previous x̂0 as a tensor
+            (``cpsample_fast.solvers``; docs/CONTRACTS.md "The multistep update").
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class CPSampler:
         streams: bool = False,
         compile_options: dict | None = None,
         use_clipped_model_output: bool = False,
+        solver: str = "ddim",
     ):
         scale, alpha = resolve_guidance_args(protector, scale, alpha)
         check_sampling_args(
@@ -130,6 +136,11 @@ class CPSampler:
         if not isinstance(use_clipped_model_output, bool):
             raise TypeError(
                 f"use_clipped_model_output must be a bool, got {use_clipped_model_output!r}"
+            )
+        self.solver = check_solver(solver, eta=eta, num_inference_steps=num_inference_steps)
+        if self.solver != "ddim" and use_clipped_model_output:
+            raise ValueError(
+                f"use_clipped_model_output is a DDIM option; solver={solver!r} uses x̂0 only"
             )
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
@@ -183,6 +194,12 @@ class CPSampler:
         )
         # [n]: s·√(1-ᾱ_t), the seed op's scale
         self._scale_table = (self.scale * c["sqrt_one_minus_alpha"]).to(torch.float32)
+        if self.solver != "ddim":
+            # multistep: its own timesteps; [n, 7] rows of the dpm_update op's `coefs`; the
+            # guidance scale s·σ_t in the solver's own σ_t (solvers.py)
+            self.timesteps = dpm_timesteps(schedule, n)
+            self._coef_table = dpm_coef_table(schedule, n)
+            self._scale_table = (self.scale * self._coef_table[:, 1]).to(torch.float32)
         # Static per-step choice (known on the host before the loop): run the protector?
         guided = protector is not None and self.scale > 0
         self._guided_steps = [
@@ -243,6 +260,42 @@ class CPSampler:
         finite = torch.stack([torch.isfinite(out).all(), finite_f, torch.isfinite(x_next).all()])
         return x_next, f, q, m, finite
 
+    def _dpm_step(self, x, x0_prev, k, tables, guided: bool, run: _Run):
+        """One protected DPM-Solver++ step: eps-model, protector and one ``cpsample::dpm_update``.
+
+        Same inputs as ``_step`` plus ``x0_prev`` (the previous step's x̂0, zeros on step 0);
+        returns ``(x_next, x0, logits, confidence, gate, finite_flags [3])``.
+        """
+        B = x.shape[0]
+        k1 = k.reshape(1)
+        coefs = tables["coefs"].index_select(0, k1)[0]  # [7]
+        t = tables["timesteps"].index_select(0, k1).expand(B)
+        if run.side_stream is not None:  # as in _step: the protector on a side stream
+            side = run.side_stream
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                f, q, m, g, finite_f = self._guidance(x, t, k1, tables, guided, run)
+            out = self._eps_out(x, t)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            for tensor in (f, q, m, g, finite_f):
+                if tensor is not None:
+                    tensor.record_stream(torch.cuda.current_stream(x.device))
+        else:
+            out = self._eps_out(x, t)
+            f, q, m, g, finite_f = self._guidance(x, t, k1, tables, guided, run)
+        x_next, x0 = ops.dpm_update(
+            x,
+            out,
+            g,
+            x0_prev,
+            coefs,
+            prediction_type=self._prediction,
+            clip_sample=bool(self.schedule.clip_sample),
+            backend=run.backend,
+        )
+        finite = torch.stack([torch.isfinite(out).all(), finite_f, torch.isfinite(x_next).all()])
+        return x_next, x0, f, q, m, finite
+
     def _eps_out(self, x, t):
         """Step 1 (docs/ALGORITHM.md §3): the eps-model's raw output, float32 and row-major for
         the update, in one copy at most (a bf16 and/or channels_last output is converted once)."""
@@ -298,8 +351,9 @@ class CPSampler:
         return self._tables[key]
 
     def _step_fn(self, guided: bool, draw_noise: bool):
+        step = self._step if self.solver == "ddim" else self._dpm_step
         if not self.compile:
-            return self._step
+            return step
         key = (guided, draw_noise)
         if key not in self._compiled:
             mode = self.compile if isinstance(self.compile, str) else None
@@ -309,7 +363,7 @@ class CPSampler:
                 options = {**torch._inductor.list_mode_options(mode), **options}
                 mode = None
             self._compiled[key] = torch.compile(
-                self._step,
+                step,
                 fullgraph=True,
                 mode=mode,
                 backend=self.compile_backend,
@@ -397,6 +451,7 @@ class CPSampler:
         draw = self.eta > 0 and step_noise is None and gen_draw is None
         trace = SamplingTrace.empty(self.timesteps, B, device) if return_trace else None
         first_bad = torch.full((3,), n, dtype=torch.int64, device=device)
+        x0_prev = None  # multistep solvers: the previous step's x̂0
         graphs = self.uses_cuda_graphs and device.type == "cuda"
         steps = range(n)
         if progress:
@@ -412,9 +467,18 @@ class CPSampler:
             if graphs:
                 # CUDA graphs: a new iteration; the previous replay's outputs may be reused
                 torch.compiler.cudagraph_mark_step_begin()
-            x, f, q, m, finite = self._step_fn(guided, draw)(
-                x, k_t, tables, rng_base, z, guided, draw, run
-            )
+            if self.solver == "ddim":
+                x, f, q, m, finite = self._step_fn(guided, draw)(
+                    x, k_t, tables, rng_base, z, guided, draw, run
+                )
+            else:
+                if x0_prev is None:
+                    x0_prev = torch.zeros_like(x)  # read with weight 0 by the first step
+                x, x0_prev, f, q, m, finite = self._step_fn(guided, draw)(
+                    x, x0_prev, k_t, tables, guided, run
+                )
+                if graphs:
+                    x0_prev = x0_prev.clone()  # the multistep state, out of the graph pool
             if graphs:
                 x = x.clone()  # own x before the next replay reuses the graph's output pool
             first_bad = torch.where(~finite & (first_bad == n), k_t, first_bad)

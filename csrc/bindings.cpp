@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "cpsample/step_math.h"
 #include "cpu/kernels.h"
@@ -118,6 +119,59 @@ at::Tensor guided_update(const at::Tensor& x, const at::Tensor& model_out,
     cpsample::cpu::guided_update(args);
   }
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> dpm_update(const at::Tensor& x, const at::Tensor& model_out,
+                                              const std::optional<at::Tensor>& guidance,
+                                              const at::Tensor& x0_prev, const at::Tensor& coefs,
+                                              int64_t prediction_type, bool clip_sample) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "dpm_update: x must be float32, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "dpm_update: x must have a batch dimension [B, ...], got a ",
+                    x.dim(), "-d tensor");
+  TORCH_CHECK_VALUE(x.is_contiguous(), "dpm_update: x must be contiguous (call .contiguous())");
+  check_float_like_x(model_out, "model_out", x);
+  if (guidance.has_value()) check_float_like_x(*guidance, "guidance", x);
+  check_float_like_x(x0_prev, "x0_prev", x);
+  check_small(coefs, "coefs", at::kFloat, "float32", 7, x,
+              "(alpha_s, sigma_s, A, B, C, R, clip_range)");
+  TORCH_CHECK_VALUE(prediction_type >= 0 && prediction_type <= 2,
+                    "dpm_update: prediction_type must be 0 (epsilon), 1 (v_prediction) or 2 "
+                    "(sample), got ",
+                    prediction_type);
+  at::Tensor out = at::empty_like(x);
+  at::Tensor x0_out = at::empty_like(x);
+  if (x.numel() == 0) return {out, x0_out};
+  if (x.is_cuda()) {
+#ifdef CPSAMPLE_WITH_CUDA
+    cpsample::cuda::dpm_update(x, model_out, guidance, x0_prev, coefs, out, x0_out,
+                               static_cast<int>(prediction_type), clip_sample);
+    return {out, x0_out};
+#else
+    TORCH_CHECK(false,
+                "dpm_update: x is a CUDA tensor but cpsample_fast._C was built without its CUDA "
+                "part; rebuild with a CUDA toolkit, or use backend='triton' / 'torch'");
+#endif
+  }
+  TORCH_CHECK_VALUE(x.is_cpu(), "dpm_update: x must be a CPU or CUDA tensor, got ", x.device());
+  cpsample::cpu::DpmUpdateArgs args{};
+  args.x = x.data_ptr<float>();
+  args.model_out = model_out.data_ptr<float>();
+  args.guidance = guidance.has_value() ? guidance->data_ptr<float>() : nullptr;
+  args.x0_prev = x0_prev.data_ptr<float>();
+  args.out = out.data_ptr<float>();
+  args.x0_out = x0_out.data_ptr<float>();
+  args.coefs = coefs.data_ptr<float>();
+  args.batch = x.size(0);
+  args.numel_per_sample = x.numel() / x.size(0);
+  args.prediction_type = static_cast<int>(prediction_type);
+  args.clip_sample = clip_sample;
+  args.num_threads = at::get_num_threads();
+  {
+    py::gil_scoped_release no_gil;
+    cpsample::cpu::dpm_update(args);
+  }
+  return {out, x0_out};
 }
 
 at::Tensor philox_normal(uint64_t seed, const at::Tensor& sample_index, int64_t step,
@@ -261,6 +315,31 @@ Args:
 
 Returns:
     float32 tensor like x: x_{t'}.
+)doc");
+  m.def(
+      "dpm_update",
+      [](const at::Tensor& x, const at::Tensor& model_out,
+         const std::optional<at::Tensor>& guidance, const at::Tensor& x0_prev,
+         const at::Tensor& coefs, int64_t prediction_type, bool clip_sample) {
+        return translate_errors([&] {
+          return dpm_update(x, model_out, guidance, x0_prev, coefs, prediction_type, clip_sample);
+        });
+      },
+      py::arg("x"), py::arg("model_out"), py::arg("guidance"), py::arg("x0_prev"),
+      py::arg("coefs"), py::arg("prediction_type"), py::arg("clip_sample"),
+      R"doc(DPM-Solver++(2M) multistep update (docs/CONTRACTS.md "The multistep update").
+
+Args:
+    x: float32 [B, ...] contiguous, x_t.
+    model_out: float32 like x, raw eps-model output.
+    guidance: float32 like x (guidance term G), or None for G = 0.
+    x0_prev: float32 like x, the previous step's x0 (read with weight 0 on first-order steps).
+    coefs: float32 [7] on x's device: (alpha_s, sigma_s, A, B, C, R, clip_range).
+    prediction_type: 0 epsilon, 1 v_prediction, 2 sample.
+    clip_sample: clamp x0 to +-clip_range.
+
+Returns:
+    (x_next, x0), float32 tensors like x.
 )doc");
   m.def(
       "philox_normal",

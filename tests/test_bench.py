@@ -174,3 +174,23 @@ def test_device_check_script_parses_and_its_report_reads_the_quick_run(quick_run
     assert status["ok"] is False  # one stage timed out
     assert [s["status"] for s in status["stages"]] == ["ok", "timeout"]
     assert (tmp_path / "summary.txt").read_text().strip() == proc.stdout.strip()
+
+
+def test_matched_suite_prints_the_quality_matched_table(tmp_path, capsys):
+    """`--suite matched`: protected DDIM and DPM-Solver++ on the demo model, one table, CSV rows."""
+    out = tmp_path / "matched"
+    argv = ["bench", "--quick", "--suite", "matched", "--repeats", "1", "--warmup", "0",
+            "--matched-steps", "2", "--out", str(out)]  # fmt: skip
+    assert cli_main(argv) == 0
+    text = capsys.readouterr().out
+    assert "quality matched" in text
+    lines = [ln.split() for ln in text.splitlines()]
+    names = {ln[0]: ln for ln in lines if ln and ln[0] in ("ddim", "dpmsolver++")}
+    assert names["ddim"][1] == "4" and names["dpmsolver++"][1] == "2"
+    assert float(names["ddim"][4]) == 1.0 and float(names["dpmsolver++"][2]) > 0
+    rows = [r for r in read_csv(out / "bench.csv") if r["op"] == "sample_matched"]
+    assert sorted(r["provider"] for r in rows) == ["ddim-4", "dpmsolver++-2"]
+    (report,) = [json.loads(p.read_text()) for p in out.glob("bench_matched_*.json")]
+    assert report["matched"]["speedup_dpm_over_ddim"] > 0
+    with pytest.raises(ValueError, match="--matched-steps"):
+        cli_main(["bench", "--quick", "--suite", "matched", "--matched-steps", "0"])

@@ -98,3 +98,33 @@ def test_sample_bad_model_path(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "--model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sample_solver_dpmsolver_equals_the_python_api(assets, tmp_path, capsys):
+    """`--solver dpmsolver++` samples what CPSampler(solver="dpmsolver++") samples; a resume
+    with the other solver is refused; η > 0 with it is a clear error."""
+    from cpsample_fast.models import load_unet
+    from cpsample_fast.protector import load_protector
+    from cpsample_fast.sampler import CPSampler
+    from cpsample_fast.schedule import NoiseSchedule
+
+    out = tmp_path / "dpm"
+    args = _args(assets, out, "--solver", "dpmsolver++")
+    args[args.index("--eta") + 1] = "0"
+    assert cli_main(args) == 0
+    got = np.load(out / "samples.npz")["samples"]
+    assert json.loads((out / "sample.json").read_text())["solver"] == "dpmsolver++"
+    unet, meta = load_unet(assets / "unet.safetensors")
+    prot, _ = load_protector(assets / "protector")
+    schedule = NoiseSchedule.from_config(meta["schedule"])
+    kw = dict(num_inference_steps=3, scale=10.0, alpha=0.5, solver="dpmsolver++")
+    sampler = CPSampler(unet, prot, schedule, **kw)
+    want = sampler.sample((5, 1, 16, 16), seed=4).clamp(-1, 1)  # saved images lie in [-1, 1]
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-5)
+    args_ddim = list(args)
+    args_ddim.remove("--solver")
+    args_ddim.remove("dpmsolver++")
+    assert cli_main(args_ddim) == 2
+    assert "different run" in capsys.readouterr().err
+    assert cli_main(_args(assets, tmp_path / "bad", "--solver", "dpmsolver++")) == 2
+    assert "deterministic" in capsys.readouterr().err

@@ -41,9 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls (default 1)")
     parser.add_argument(
         "--suite",
-        choices=("sampler", "update", "all"),
+        choices=("sampler", "update", "all", "matched"),
         default="all",
-        help="sampling providers, the fused update alone, or both (default)",
+        help="sampling providers, the fused update alone, or both (default); 'matched': the "
+        "quality-matched table, protected DDIM-50 vs DPM-Solver++ on the demo digits model",
+    )
+    parser.add_argument(
+        "--matched-steps",
+        type=int,
+        default=None,
+        help="DPM-Solver++ steps of --suite matched (default: the recorded quality-matched count)",
     )
     parser.add_argument(
         "--sizes",
@@ -142,6 +149,10 @@ def main(args: argparse.Namespace) -> int:
         default = "tiny" if args.quick else ("gpu35m" if device.type == "cuda" else "cifar")
         config = get_config(default)
     sizes = None
+    if args.suite == "matched":
+        _check_positive("matched-steps", args.matched_steps)
+        if args.config is not None:
+            raise ValueError("--suite matched runs the demo digits model; drop --config")
     if args.suite in ("update", "all"):
         if args.sizes:
             sizes = tuple(int(v) for v in args.sizes)
@@ -161,7 +172,8 @@ def main(args: argparse.Namespace) -> int:
     csv_path = json_path = None
     if out_dir is not None:
         csv_path = out_dir / "bench.csv"
-        json_path = out_dir / f"bench_{config.name}_{device.type}_{stamp}.json"
+        name = "matched" if args.suite == "matched" else config.name
+        json_path = out_dir / f"bench_{name}_{device.type}_{stamp}.json"
 
     def flush(rows) -> None:
         # Each provider's rows reach the CSV and the JSON as soon as it is measured, so a run
@@ -193,6 +205,22 @@ def main(args: argparse.Namespace) -> int:
             tables.append(format_table(result))
             report["sampler"] = summary(result)
             failed |= bool(result.errors)
+        if args.suite == "matched":
+            from ..bench.matched import MATCHED_DPM_STEPS, run_matched_bench
+
+            matched = run_matched_bench(
+                device,
+                batch=args.batch or (8 if args.quick else 128),
+                dpm_steps=args.matched_steps or MATCHED_DPM_STEPS,
+                ddim_steps=args.steps or (4 if args.quick else 50),
+                repeats=repeats,
+                warmup=args.warmup,
+                backend=args.backend,
+                progress=bar.step,
+            )
+            flush(matched.rows)
+            tables.append(matched.table)
+            report["matched"] = matched.summary
         if sizes is not None:
             usettings = UpdateBenchSettings(
                 device=device, sizes=sizes, repeats=max(repeats, 3), compile=not args.quick

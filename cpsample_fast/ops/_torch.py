@@ -139,3 +139,38 @@ def guidance_seed(
         ``(c [B] float32, q [B] float32, gate [B] bool)``.
     """
     return _guidance.guidance_seed(logits, scale_t, alpha, _guidance.MODES[mode])
+
+
+def dpm_update(
+    x: torch.Tensor,  # [B, ...] float32, x_t
+    model_out: torch.Tensor,  # [B, ...] float32, raw eps-model output
+    guidance: torch.Tensor | None,  # [B, ...] float32 guidance term G, or None (G = 0)
+    x0_prev: torch.Tensor,  # [B, ...] float32, the previous step's x0
+    coefs: torch.Tensor,  # [7] float32: (alpha_s, sigma_s, A, B, C, R, clip_range)
+    prediction_type: int,
+    clip_sample: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DPM-Solver++(2M) step (docs/CONTRACTS.md "The multistep update").
+
+    ``x0`` from the model output (ε: ``(x - σ_s·o)/α_s``, v: ``α_s·x - σ_s·o``, sample: ``o``),
+    guided ``x0 - (σ_s/α_s)·G`` and clipped when ``clip_sample``; then
+    ``x_{t'} = (A·x - B·x0) - C·(R·(x0 - x0_prev))`` in diffusers' operation order.
+
+    Returns:
+        ``(x_{t'}, x0)``, float32 like ``x``.
+    """
+    alpha_s, sigma_s, A, B, C, R, clip_range = coefs.unbind(0)
+    if prediction_type == PREDICTION_EPSILON:
+        x0 = (x - sigma_s * model_out) / alpha_s
+    elif prediction_type == PREDICTION_V:
+        x0 = alpha_s * x - sigma_s * model_out
+    elif prediction_type == PREDICTION_SAMPLE:
+        x0 = model_out.clone()
+    else:
+        raise ValueError(f"prediction_type must be 0, 1 or 2, got {prediction_type}")
+    if clip_sample:  # the model's own prediction; the guidance acts after the clip
+        x0 = torch.clamp(x0, -clip_range, clip_range)
+    if guidance is not None:
+        x0 = x0 - (sigma_s / alpha_s) * guidance
+    out = (A * x - B * x0) - C * (R * (x0 - x0_prev))
+    return out, x0

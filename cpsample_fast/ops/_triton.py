@@ -167,6 +167,83 @@ if triton is not None:
         tl.store(out_ptr + offs, out, mask=mask)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _dpm_update_kernel(
+        x_ptr,  # [N] float32, x_t
+        o_ptr,  # [N] float32, model output
+        g_ptr,  # [N] float32 guidance term (unused unless HAS_GUIDANCE)
+        prev_ptr,  # [N] float32, previous x0
+        coefs_ptr,  # [7] float32: alpha_s, sigma_s, A, B, C, R, clip_range
+        out_ptr,  # [N] float32, x_{t'}
+        x0_ptr,  # [N] float32, x0
+        numel,
+        PREDICTION_TYPE: tl.constexpr,
+        CLIP_SAMPLE: tl.constexpr,
+        HAS_GUIDANCE: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """docs/CONTRACTS.md "The multistep update": csrc/cpsample/step_math.h
+        ``dpm_update_element`` per element, four loads and two stores."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        alpha_s = tl.load(coefs_ptr + 0)
+        sigma_s = tl.load(coefs_ptr + 1)
+        A = tl.load(coefs_ptr + 2)
+        B = tl.load(coefs_ptr + 3)
+        C = tl.load(coefs_ptr + 4)
+        R = tl.load(coefs_ptr + 5)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        o = tl.load(o_ptr + offs, mask=mask, other=0.0)
+        prev = tl.load(prev_ptr + offs, mask=mask, other=0.0)
+        if PREDICTION_TYPE == 0:
+            x0 = tl.math.div_rn(x - sigma_s * o, alpha_s)
+        elif PREDICTION_TYPE == 1:
+            x0 = alpha_s * x - sigma_s * o
+        else:
+            x0 = o
+        if CLIP_SAMPLE:  # the model's own prediction; the guidance acts after the clip
+            x0 = _clamp_keep_nan(x0, tl.load(coefs_ptr + 6))
+        if HAS_GUIDANCE:
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+            x0 = x0 - tl.math.div_rn(sigma_s, alpha_s) * g
+        out = (A * x - B * x0) - C * (R * (x0 - prev))
+        tl.store(out_ptr + offs, out, mask=mask)
+        tl.store(x0_ptr + offs, x0, mask=mask)
+
+
+def dpm_update(
+    x: torch.Tensor,  # [B, ...] float32
+    model_out: torch.Tensor,  # [B, ...] float32
+    guidance: torch.Tensor | None,  # [B, ...] float32 or None
+    x0_prev: torch.Tensor,  # [B, ...] float32
+    coefs: torch.Tensor,  # [7] float32
+    prediction_type: int,
+    clip_sample: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch ``_dpm_update_kernel`` (inputs already validated). Returns ``(x_{t'}, x0)``."""
+    if triton is None:
+        raise RuntimeError("backend='triton' needs Triton: pip install triton")
+    out = torch.empty_like(x)
+    x0 = torch.empty_like(x)
+    numel = x.numel()
+    if numel == 0:
+        return out, x0
+    if interpreter_active():
+        block, num_warps = min(max(triton.next_power_of_2(numel), 16), INTERPRETER_MAX_BLOCK), 4
+    else:
+        block, num_warps = GPU_BLOCK, GPU_NUM_WARPS
+    with _on_device(x):
+        _dpm_update_kernel[(triton.cdiv(numel, block),)](
+            x, model_out, guidance if guidance is not None else x, x0_prev, coefs, out, x0,
+            numel, PREDICTION_TYPE=prediction_type, CLIP_SAMPLE=bool(clip_sample),
+            HAS_GUIDANCE=guidance is not None, BLOCK=block, num_warps=num_warps,
+            enable_fp_fusion=False,  # round like torch eager and the C++/CUDA kernels
+        )  # fmt: skip
+    return out, x0
+
+
 def _block_size(n_per_sample: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for ``n_per_sample`` elements per sample."""
     if interpreter_active():

@@ -136,4 +136,38 @@ CPSAMPLE_HD float guided_update_element(float x, float o, float g, float z, cons
   return c.sp * x0 + c.d * eps + c.sigma * z;
 }
 
+// Coefficients of one DPM-Solver++(2M) step, in the order of the `coefs` tensor [7] of the
+// multistep update (cpsample_fast/solvers.py computes them exactly as diffusers does).
+struct DpmCoefs {
+  float alpha_s;  // alpha of the current sigma (model output -> x0)
+  float sigma_s;  // sigma_t of the current sigma
+  float A;        // sigma_next / sigma_s
+  float B;        // alpha_next * (exp(-h) - 1)
+  float C;        // B / 2 on second-order steps, 0 on first-order ones
+  float R;        // 1 / r0 on second-order steps, 0 on first-order ones
+  float clip;     // clip_sample_range
+};
+
+// docs/CONTRACTS.md "The multistep update" for one element: the data prediction x0 (clipped
+// when CLIP, then guided as in DDIM) and x_next = A*x - B*x0 - C*(R*(x0 - x0_prev)), in diffusers'
+// operation order (a first-order step has C = R = 0, which subtracts an exact zero). Writes x0
+// to *x0_out (the next step's x0_prev) and returns x_next.
+template <int P, bool CLIP, bool HAS_G>
+CPSAMPLE_HD float dpm_update_element(float x, float o, float g, float x0_prev, const DpmCoefs& c,
+                                     float* x0_out) {
+  float x0;
+  if (P == kEpsilon) {
+    x0 = (x - c.sigma_s * o) / c.alpha_s;
+  } else if (P == kSample) {
+    x0 = o;
+  } else {  // kVPrediction
+    x0 = c.alpha_s * x - c.sigma_s * o;
+  }
+  if (CLIP) x0 = clamp_keep_nan(x0, c.clip);  // the model's own prediction; guidance after
+  if (HAS_G) x0 = x0 - (c.sigma_s / c.alpha_s) * g;
+  *x0_out = x0;
+  const float d1 = c.R * (x0 - x0_prev);
+  return (c.A * x - c.B * x0) - c.C * d1;
+}
+
 }  // namespace cpsample

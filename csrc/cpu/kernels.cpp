@@ -166,6 +166,61 @@ void philox_normal(uint64_t seed, const int64_t* sample_index, int64_t batch, ui
   }
 }
 
+namespace {
+
+template <int P, bool CLIP, bool HAS_G>
+void dpm_range(const DpmUpdateArgs& a, const DpmCoefs& c, int64_t i0, int64_t i1) {
+  const float* __restrict__ x = a.x;
+  const float* __restrict__ o = a.model_out;
+  const float* __restrict__ g = a.guidance;
+  const float* __restrict__ prev = a.x0_prev;
+  float* __restrict__ out = a.out;
+  float* __restrict__ x0_out = a.x0_out;
+#pragma omp simd
+  for (int64_t i = i0; i < i1; ++i) {
+    const float gi = HAS_G ? g[i] : 0.0f;
+    float x0;
+    out[i] = dpm_update_element<P, CLIP, HAS_G>(x[i], o[i], gi, prev[i], c, &x0);
+    x0_out[i] = x0;
+  }
+}
+
+using DpmRangeFn = void (*)(const DpmUpdateArgs&, const DpmCoefs&, int64_t, int64_t);
+
+template <int P>
+DpmRangeFn select_dpm_flags(bool clip, bool has_g) {
+  if (clip) return has_g ? &dpm_range<P, true, true> : &dpm_range<P, true, false>;
+  return has_g ? &dpm_range<P, false, true> : &dpm_range<P, false, false>;
+}
+
+}  // namespace
+
+void dpm_update(const DpmUpdateArgs& a) {
+  const int64_t total = a.batch * a.numel_per_sample;
+  if (a.batch <= 0 || a.numel_per_sample <= 0) return;
+  const DpmCoefs c{a.coefs[0], a.coefs[1], a.coefs[2], a.coefs[3],
+                   a.coefs[4], a.coefs[5], a.coefs[6]};
+  DpmRangeFn fn;
+  switch (a.prediction_type) {
+    case kVPrediction:
+      fn = select_dpm_flags<kVPrediction>(a.clip_sample, a.guidance != nullptr);
+      break;
+    case kSample:
+      fn = select_dpm_flags<kSample>(a.clip_sample, a.guidance != nullptr);
+      break;
+    default:
+      fn = select_dpm_flags<kEpsilon>(a.clip_sample, a.guidance != nullptr);
+      break;
+  }
+  const int64_t chunks = (total + kChunk - 1) / kChunk;
+  const int threads = thread_count(total, a.num_threads);
+  (void)threads;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t t = 0; t < chunks; ++t) {
+    fn(a, c, t * kChunk, std::min(total, (t + 1) * kChunk));
+  }
+}
+
 bool openmp_enabled() {
 #ifdef _OPENMP
   return true;

@@ -32,6 +32,25 @@ void guided_update(const GuidedUpdateArgs& args);
 void philox_normal(uint64_t seed, const int64_t* sample_index, int64_t batch, uint32_t step,
                    uint32_t stream, int64_t numel_per_sample, float* out, int num_threads);
 
+// Arguments of one DPM-Solver++ multistep update (docs/CONTRACTS.md "The multistep update").
+struct DpmUpdateArgs {
+  const float* x;          // [B, n] x_t
+  const float* model_out;  // [B, n] raw eps-model output
+  const float* guidance;   // [B, n] guidance term G, or nullptr (= 0)
+  const float* x0_prev;    // [B, n] the previous step's x0 (any finite values on step 0)
+  float* out;              // [B, n] x_{t'}
+  float* x0_out;           // [B, n] this step's x0
+  const float* coefs;      // [7] alpha_s, sigma_s, A, B, C, R, clip_range
+  int64_t batch;
+  int64_t numel_per_sample;
+  int prediction_type;  // 0 epsilon, 1 v_prediction, 2 sample
+  bool clip_sample;
+  int num_threads;  // OpenMP threads to use (<= 0: the OpenMP default)
+};
+
+// The multistep update, element-parallel with OpenMP (every element is independent).
+void dpm_update(const DpmUpdateArgs& args);
+
 // Whether this translation unit was compiled with OpenMP.
 bool openmp_enabled();
 

@@ -31,6 +31,23 @@ void guided_update(const at::Tensor& x, const at::Tensor& model_out,
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
+void dpm_update(const at::Tensor& x, const at::Tensor& model_out,
+                const std::optional<at::Tensor>& guidance, const at::Tensor& x0_prev,
+                const at::Tensor& coefs, const at::Tensor& out, const at::Tensor& x0_out,
+                int prediction_type, bool clip_sample) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const int64_t batch = x.size(0);
+  const int64_t n = batch > 0 ? x.numel() / batch : 0;
+  const int err = cpsample_dpm_update_cuda(
+      x.data_ptr<float>(), model_out.data_ptr<float>(),
+      guidance.has_value() ? guidance->data_ptr<float>() : nullptr, x0_prev.data_ptr<float>(),
+      coefs.data_ptr<float>(), out.data_ptr<float>(), x0_out.data_ptr<float>(), batch * n,
+      prediction_type, clip_sample ? 1 : 0, stream);
+  TORCH_CHECK(err == 0, "cpsample_fast._C.dpm_update: CUDA launch failed: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
 int runtime_version() { return CUDART_VERSION; }
 
 }  // namespace cuda

@@ -21,6 +21,15 @@ int cpsample_guided_update_cuda(const float* x, const float* model_out, const fl
                                 int prediction_type, int clip_sample, int draw_noise,
                                 int use_clipped_model_output, cudaStream_t stream);
 
+// docs/CONTRACTS.md "The multistep update" (DPM-Solver++(2M)) over `numel` contiguous floats:
+// out = x_{t'} and x0_out = the data prediction. `coefs` [7] = (alpha_s, sigma_s, A, B, C, R,
+// clip_range) is read by the kernel (no host sync); `guidance` may be NULL (G = 0).
+// Returns a cudaError_t (cudaSuccess = 0) from the launch.
+int cpsample_dpm_update_cuda(const float* x, const float* model_out, const float* guidance,
+                             const float* x0_prev, const float* coefs, float* out, float* x0_out,
+                             int64_t numel, int prediction_type, int clip_sample,
+                             cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif
