@@ -205,6 +205,7 @@ py::dict build_info() {
 #ifdef CPSAMPLE_WITH_CUDA
   info["cuda"] = true;
   info["cuda_runtime_version"] = cpsample::cuda::runtime_version();
+  info["cuda_archs"] = CPSAMPLE_CUDA_ARCHS;  // CMake list, comma separated ("80,90")
 #else
   info["cuda"] = false;
   info["cuda_runtime_version"] = py::none();
@@ -297,6 +298,6 @@ Returns:
     int64 [N, 4], the output words in [0, 2**32).
 )doc");
   m.def("build_info", &build_info,
-        "Dict: cuda (bool), cuda_runtime_version, openmp (bool), compiler, cpu_arch, "
-        "torch_version.");
+        "Dict: cuda (bool), cuda_runtime_version, cuda_archs (CUDA builds), openmp (bool), "
+        "compiler, cpu_arch, torch_version.");
 }
