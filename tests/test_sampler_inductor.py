@@ -58,7 +58,7 @@ def test_inductor_compiled_sampler_equals_reference(options):
     unet, prot = _models()
     schedule = NoiseSchedule()
     x_T, z = _noise(n=3)
-    kw = dict(num_inference_steps=3, eta=0.5, scale=3.0, alpha=0.001, mode="repel")
+    kw = dict(num_inference_steps=3, eta=0.5, scale=30.0, alpha=0.001, mode="attract")
     ref, trace = reference_sample(
         unet, prot, schedule, SHAPE, noise=x_T, step_noise=z, return_trace=True, **kw
     )
