@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cpsample_fast.bench.records import Row
-from cpsample_fast.bench.sampler_suite import PROVIDERS, match_tolerance
+from cpsample_fast.bench.sampler_suite import PROVIDERS
 from cpsample_fast.bench.timing import synchronize
 
 from .conftest import bench_device
@@ -49,9 +49,7 @@ def test_sample(benchmark, sampling_context, collector, provider):
     out = benchmark.pedantic(call, rounds=s.repeats, iterations=1, warmup_rounds=0)
     assert out.shape == ctx.shape and torch.isfinite(out).all()
     if spec.fused:  # fast is only worth timing when it is right: the eager reference, same dtype
-        ref = ctx.reference_output(spec)
-        diff = (out.double() - ref.double()).abs().max().item()
-        tol = match_tolerance(None, ref.abs().max().item(), spec.bf16)
+        diff, tol = ctx.check_against_reference(spec, out)
         print(f"{provider}: max |out - reference| = {diff:.3g} (tolerance {tol:.3g})")
         assert diff <= tol
     benchmark.extra_info.update(
