@@ -226,3 +226,30 @@ def test_device_check_script_parses_and_its_report_reads_the_quick_run(quick_run
     assert status["ok"] is False  # one stage timed out
     assert [s["status"] for s in status["stages"]] == ["ok", "timeout"]
     assert (tmp_path / "summary.txt").read_text().strip() == proc.stdout.strip()
+
+
+@pytest.mark.parametrize("dry", [False, True], ids=["gpu", "dry-run"])
+def test_device_check_plan_fits_its_budget(dry, tmp_path):
+    """The stage limits plus the summary's reserve fit the budget (480 s, one 10-minute call
+    with time to spare), the compiled sampler providers come last, and a budget they do not fit
+    stops the script before anything runs."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "device_check.sh"
+    args = ["bash", str(script), "--plan", *(["--dry-run"] if dry else []), str(tmp_path / "o")]
+    proc = subprocess.run(args, capture_output=True, text=True, check=True)
+    print(proc.stdout)
+    lines = proc.stdout.strip().splitlines()
+    stages = [line.split() for line in lines[1:-2]]
+    limits = [int(cols[1]) for cols in stages]
+    assert stages[-1][0] == "bench-sampler-compiled"
+    assert "fits" in lines[-1] and int(lines[-2].split()[-1]) <= 480
+    assert sum(limits) + int(lines[-2].split()[-2]) <= 480
+    env = {**os.environ, "CPSAMPLE_CHECK_BUDGET_S": "300"}
+    bad = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "exceed the budget" in bad.stderr

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_sampler import SHAPE, _models, _noise, _rel  # tests/ is on sys.path under pytest
+from test_sampler import (  # tests/ is on sys.path under pytest
+    SHAPE,
+    _assert_partly_open,
+    _models,
+    _noise,
+    _rel,
+)
 
 from cpsample_fast import ops
 from cpsample_fast.reference import reference_sample
@@ -32,7 +38,10 @@ def test_cuda_backends_equal_reference(backend):
         pytest.skip(f"{backend} not available on this GPU build")
     unet, prot, x_T, z = _cuda_setup()
     schedule = NoiseSchedule()
-    ref = reference_sample(unet, prot, schedule, SHAPE, noise=x_T, step_noise=z, **KW)
+    ref, ref_trace = reference_sample(
+        unet, prot, schedule, SHAPE, noise=x_T, step_noise=z, return_trace=True, **KW
+    )
+    _assert_partly_open(ref_trace)
     fast = CPSampler(unet, prot, schedule, backend=backend, **KW).sample(
         SHAPE, noise=x_T, step_noise=z
     )
