@@ -205,7 +205,11 @@ py::dict build_info() {
 #ifdef CPSAMPLE_WITH_CUDA
   info["cuda"] = true;
   info["cuda_runtime_version"] = cpsample::cuda::runtime_version();
+#ifdef CPSAMPLE_CUDA_ARCHS
   info["cuda_archs"] = CPSAMPLE_CUDA_ARCHS;  // CMake list, comma separated ("80,90")
+#else
+  info["cuda_archs"] = py::none();  // unknown: the cuda backend is offered without the check
+#endif
 #else
   info["cuda"] = false;
   info["cuda_runtime_version"] = py::none();
