@@ -46,7 +46,7 @@ check-cuda:
 	@if [ -z "$(NVCC)" ]; then echo "check-cuda: nvcc not found, skipped"; exit 0; fi; \
 	for f in csrc/cuda/*.cu; do \
 	  echo "nvcc -arch=sm_90 -c $$f"; \
-	  $(NVCC) -std=c++17 -arch=sm_90 -O3 -Icsrc -c $$f -o /tmp/$$(basename $$f).o || exit 1; \
+	  $(NVCC) -std=c++17 -arch=sm_90 -O3 -lineinfo -Icsrc -c $$f -o /tmp/$$(basename $$f).o || exit 1; \
 	done
 
 clean:

@@ -4,13 +4,16 @@
 `pip install --no-build-isolation -e ".[test]"` both put `_C*.so` into `cpsample_fast/`.
 
 The C++ CPU kernels are always built. The CUDA kernels are built when torch has CUDA
-(`torch.version.cuda`) and nvcc is found (`$CUDA_HOME/bin/nvcc`, `/usr/local/cuda/bin/nvcc`,
-or `nvcc` on PATH). Environment overrides:
+(`torch.version.cuda`) and nvcc is found (`$CUDA_HOME/bin/nvcc`, `$CUDA_PATH/bin/nvcc`, torch's
+own `torch.utils.cpp_extension.CUDA_HOME`, `/usr/local/cuda/bin/nvcc`, or `nvcc` on PATH), with
+`-lineinfo`. `_C.build_info()["cuda_archs"]` records the architectures, and the `cuda` backend is
+offered only on GPUs they cover. Environment overrides:
 
 - `CPSAMPLE_BUILD_CUDA=1` forces the CUDA part (fails without nvcc), `=0` skips it.
 - `CPSAMPLE_CPU_ARCH=x86-64-v3` (or `native` for a local build) sets `-march`; the default is the
   compiler's portable baseline, as a wheel needs.
-- `CPSAMPLE_CUDA_ARCHS="80;90"` sets the CUDA architectures (CMake list).
+- `CPSAMPLE_CUDA_ARCHS="80;90"` sets the CUDA architectures (CMake list; "90" embeds sm_90 code
+  and compute_90 PTX, which newer GPUs JIT-compile at first use).
 - `CMAKE_BUILD_PARALLEL_LEVEL` sets the build jobs (default 2).
 
 CMake finds torch with `find_package(Torch)` (`torch.utils.cmake_prefix_path`) and pybind11 with
@@ -40,9 +43,25 @@ class CMakeExtension(Extension):
         self.source_dir = str(source_dir)
 
 
+def _torch_cuda_home() -> str | None:
+    """torch's own toolkit detection (``torch.utils.cpp_extension.CUDA_HOME``), or None."""
+    try:
+        from torch.utils import cpp_extension
+    except Exception:  # an old or broken torch: fall back to our own search
+        return None
+    return getattr(cpp_extension, "CUDA_HOME", None)
+
+
 def _find_nvcc() -> str | None:
-    """Returns the nvcc to use, or None: $CUDA_HOME first, then /usr/local/cuda, then PATH."""
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+    """Returns the nvcc to use, or None: $CUDA_HOME, $CUDA_PATH, torch's ``CUDA_HOME`` (what
+    torch.utils.cpp_extension builds with), /usr/local/cuda, then PATH."""
+    homes = (
+        os.environ.get("CUDA_HOME"),
+        os.environ.get("CUDA_PATH"),
+        _torch_cuda_home(),
+        "/usr/local/cuda",
+    )
+    for home in homes:
         if home and (Path(home) / "bin" / "nvcc").is_file():
             return str(Path(home) / "bin" / "nvcc")
     return shutil.which("nvcc")

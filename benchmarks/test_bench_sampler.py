@@ -2,6 +2,7 @@
 
 The providers are ``cpsample_fast.bench.sampler_suite.PROVIDERS`` (the reference is the
 package's ``reference_sample``); each round is one ``sample()`` call, synchronised on a GPU.
+Fused and compiled providers must also reproduce the eager reference in the same model dtype.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def test_sample(benchmark, sampling_context, collector, provider):
     s = ctx.settings
     out = benchmark.pedantic(call, rounds=s.repeats, iterations=1, warmup_rounds=0)
     assert out.shape == ctx.shape and torch.isfinite(out).all()
+    if spec.fused:  # fast is only worth timing when it is right: the eager reference, same dtype
+        diff, tol = ctx.check_against_reference(spec, out)
+        print(f"{provider}: max |out - reference| = {diff:.3g} (tolerance {tol:.3g})")
+        assert diff <= tol
     benchmark.extra_info.update(
         {"config": s.config.name, "batch": s.batch, "steps": s.steps, "backend": backend}
     )

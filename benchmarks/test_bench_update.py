@@ -14,6 +14,7 @@ from cpsample_fast.bench.timing import synchronize
 from cpsample_fast.bench.update_suite import (
     BYTES_PER_ELEMENT,
     COPY_BYTES_PER_ELEMENT,
+    MATCH_RTOL,
     _inner_calls,
     _inputs,
     _providers,
@@ -45,6 +46,13 @@ def test_update(benchmark, collector, provider, numel):
         call()
         out = benchmark.pedantic(call, rounds=bench_repeats(), iterations=1, warmup_rounds=1)
     assert torch.isfinite(out).all()
+    if provider != "copy":  # every backend reproduces the torch specification
+        from cpsample_fast.ops import _torch as torch_ops
+
+        with torch.no_grad():
+            spec = torch_ops.guided_update(x, o, g, None, coefs, rng, 0, True, False)
+        diff = (out - spec).abs().max().item()
+        assert diff <= MATCH_RTOL * max(spec.abs().max().item(), 1.0), diff
     stats = getattr(benchmark, "stats", None)
     if stats is None:
         return

@@ -261,6 +261,11 @@ py::dict build_info() {
 #ifdef CPSAMPLE_WITH_CUDA
   info["cuda"] = true;
   info["cuda_runtime_version"] = cpsample::cuda::runtime_version();
+#ifdef CPSAMPLE_CUDA_ARCHS
+  info["cuda_archs"] = CPSAMPLE_CUDA_ARCHS;  // CMake list, comma separated ("80,90")
+#else
+  info["cuda_archs"] = py::none();  // unknown: the cuda backend is offered without the check
+#endif
 #else
   info["cuda"] = false;
   info["cuda_runtime_version"] = py::none();
@@ -381,6 +386,6 @@ Returns:
     int64 [N, 4], the output words in [0, 2**32).
 )doc");
   m.def("build_info", &build_info,
-        "Dict: cuda (bool), cuda_runtime_version, openmp (bool), compiler, cpu_arch, "
-        "torch_version.");
+        "Dict: cuda (bool), cuda_runtime_version, cuda_archs (CUDA builds), openmp (bool), "
+        "compiler, cpu_arch, torch_version.");
 }

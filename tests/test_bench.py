@@ -50,7 +50,8 @@ def test_quick_csv_rows_have_the_schema_and_sane_numbers(quick_run):
         for key in ("median", "p20", "p80"):
             value = float(row[key])
             assert math.isfinite(value), row
-            if row["metric"] != "max_abs_err_vs_fp64" and row["metric"] != "rms_err_vs_fp64":
+            zero_ok = ("max_abs_err_vs_fp64", "rms_err_vs_fp64", "max_abs_diff_vs_reference")
+            if row["metric"] not in zero_ok:
                 assert value > 0, row
             else:
                 assert value >= 0, row
@@ -85,6 +86,60 @@ def test_quick_accuracy_columns_against_float64(quick_run):
     print("max |x - x_fp64|:", err)
     assert err["reference"] < 1e-4 and err["fused"] < 1e-4
     assert err["reference+bf16"] > err["reference"]
+
+
+def test_quick_fused_providers_are_checked_against_the_reference(quick_run):
+    """Timing rows come with a check: the fused sampler reproduces the eager reference, and every
+    update backend the torch specification."""
+    _, _, out = quick_run
+    rows = read_csv(out / "bench.csv")
+    diffs = {r["provider"]: (float(r["median"]), json.loads(r["extra"]))
+             for r in rows if r["metric"] == "max_abs_diff_vs_reference"}  # fmt: skip
+    print("max |provider - reference|:", {k: v[0] for k, v in diffs.items()})
+    assert set(diffs) == {"fused"}  # the quick run's only fused provider
+    value, extra = diffs["fused"]
+    assert extra["ok"] is True and value <= extra["tolerance"] < 1e-2
+    update = [json.loads(r["extra"]) for r in rows
+              if r["op"] == "guided_update" and r["provider"] != "copy"]  # fmt: skip
+    assert update and all(e["matches"] and e["max_abs_diff_vs_torch"] < 1e-5 for e in update)
+
+
+def test_a_wrong_fast_path_is_reported_not_only_timed(monkeypatch):
+    """A fused provider that drifts from the reference, or an update backend that drifts from the
+    torch spec, is recorded as an error (and the CLI then exits 1)."""
+    from cpsample_fast.bench import sampler_suite, update_suite
+    from cpsample_fast.bench.configs import get_config
+
+    settings = sampler_suite.SamplerBenchSettings(
+        config=get_config("tiny"), device=torch.device("cpu"), batch=2, steps=2,
+        providers=["reference", "fused"], repeats=1, warmup=0, accuracy=False,
+    )  # fmt: skip
+    real = sampler_suite.SamplingContext.make_runner
+
+    def shifted(self, spec):
+        run, backend = real(self, spec)
+        return (lambda: run() + 0.05) if spec.fused else run, backend
+
+    monkeypatch.setattr(sampler_suite.SamplingContext, "make_runner", shifted)
+    result = sampler_suite.run_sampler_bench(settings)
+    print(result.errors.get("fused"))
+    assert "MISMATCH" in result.errors["fused"]
+    assert [r.name for r in result.results] == ["reference", "fused"]  # still timed
+
+    real_providers = update_suite._providers
+
+    def broken(x, o, g, coefs, rng, backends, compiled):
+        calls = real_providers(x, o, g, coefs, rng, backends, compiled)
+        calls["torch"] = lambda fn=calls["torch"]: fn() * 1.001
+        return calls
+
+    monkeypatch.setattr(update_suite, "_providers", broken)
+    usettings = update_suite.UpdateBenchSettings(
+        device=torch.device("cpu"), sizes=(3072,), backends=["torch"], repeats=1, warmup=0,
+        compile=False,
+    )  # fmt: skip
+    _, _, errors = update_suite.run_update_bench(usettings)
+    assert "MISMATCH" in errors["torch@3072"]
 
 
 def test_quick_json_report(quick_run):
@@ -194,3 +249,30 @@ def test_matched_suite_prints_the_quality_matched_table(tmp_path, capsys):
     assert report["matched"]["speedup_dpm_over_ddim"] > 0
     assert cli_main(["bench", "--quick", "--suite", "matched", "--matched-steps", "0"]) == 2
     assert "--matched-steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dry", [False, True], ids=["gpu", "dry-run"])
+def test_device_check_plan_fits_its_budget(dry, tmp_path):
+    """The stage limits plus the summary's reserve fit the budget (480 s, one 10-minute call
+    with time to spare), the compiled sampler providers come last, and a budget they do not fit
+    stops the script before anything runs."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "device_check.sh"
+    args = ["bash", str(script), "--plan", *(["--dry-run"] if dry else []), str(tmp_path / "o")]
+    proc = subprocess.run(args, capture_output=True, text=True, check=True)
+    print(proc.stdout)
+    lines = proc.stdout.strip().splitlines()
+    stages = [line.split() for line in lines[1:-2]]
+    limits = [int(cols[1]) for cols in stages]
+    assert stages[-1][0] == "bench-sampler-compiled"
+    assert "fits" in lines[-1] and int(lines[-2].split()[-1]) <= 480
+    assert sum(limits) + int(lines[-2].split()[-2]) <= 480
+    env = {**os.environ, "CPSAMPLE_CHECK_BUDGET_S": "300"}
+    bad = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "exceed the budget" in bad.stderr

@@ -13,8 +13,6 @@ SPEC §1 asks for relative error < 1e-5 in float32; errors are printed per confi
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -208,18 +206,10 @@ def test_own_loop_matches_diffusers(name, config, channels, n, eta):
     assert torch.equal(got, want)
 
 
-def _optional(module: str, name: str):
-    """``module.name`` if it imports, else skip (it is being written in parallel)."""
-    mod = pytest.importorskip(module)
-    obj = getattr(mod, name, None)
-    if obj is None:
-        pytest.skip(f"{module}.{name} does not exist yet")
-    return obj
-
-
 @pytest.mark.parametrize("name, config, channels, n, eta", CONFIGS, ids=IDS)
 def test_reference_sample_matches_diffusers(name, config, channels, n, eta):
-    reference_sample = _optional("cpsample_fast.reference", "reference_sample")
+    from cpsample_fast.reference import reference_sample
+
     noise, step_noise = _inputs(channels, n)
     want = _diffusers_loop(config, channels, n, eta, noise, step_noise)
     schedule = NoiseSchedule.from_diffusers(config)
@@ -246,10 +236,9 @@ BACKENDS = ("auto", "torch", "cpp", "triton")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name, config, channels, n, eta", CONFIGS, ids=IDS)
 def test_cpsampler_matches_diffusers(name, config, channels, n, eta, backend):
-    CPSampler = _optional("cpsample_fast.sampler", "CPSampler")
-    ops = importlib.import_module("cpsample_fast.ops")
-    if not hasattr(ops, "available_backends"):
-        pytest.skip("cpsample_fast.ops.available_backends does not exist yet")
+    from cpsample_fast import ops
+    from cpsample_fast.sampler import CPSampler
+
     available = ops.available_backends(torch.device("cpu"))
     if backend != "auto" and backend not in available:
         pytest.skip(f"backend {backend!r} is not available here (available: {available})")

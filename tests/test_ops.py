@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from test_guidance import ALPHA_PAPER, LOGITS, assert_matches_closed_form  # tests/ on sys.path
 
 from cpsample_fast import guidance, noise, ops
 
@@ -203,6 +204,57 @@ def test_backend_resolution_and_available_backends(monkeypatch):
                           backend="cpp")  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "arch,capability,covers",
+    [
+        ("90", (9, 0), True),
+        ("90", (10, 0), True),  # compute_90 PTX, JIT-compiled by the driver
+        ("90", (8, 9), False),
+        ("90-real", (10, 0), False),  # machine code only: same major
+        ("80-real", (8, 6), True),
+        ("86-real", (8, 0), False),
+        ("90a", (9, 0), True),
+        ("90a", (10, 0), False),  # arch-specific: exactly sm_90
+        ("100f", (10, 3), True),
+        ("100f", (12, 0), False),
+        ("80-virtual", (12, 0), True),
+        ("all-major", (7, 5), True),
+    ],
+)
+def test_cuda_arch_coverage_rules(arch, capability, covers):
+    from cpsample_fast.ops import _ext
+
+    assert _ext.arch_covers(arch, capability) is covers
+    with pytest.raises(ValueError, match="CUDA architecture"):
+        _ext.arch_covers("sm90", capability)
+
+
+def test_cuda_backend_offered_only_when_the_built_archs_cover_the_gpu(monkeypatch):
+    """A `_C` built for sm_80 on an sm_90 GPU: no `cuda` backend, and asking for it says which
+    archs to build."""
+
+    class FakeExt:
+        def __init__(self, archs):
+            self.archs = archs
+
+        def build_info(self):
+            return {"cuda": True, "cuda_archs": self.archs}
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(gu_module, "_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(gu_module._triton_impl, "supports_device", lambda device: False)
+    for archs, offered in [("80-real", False), ("80-real,90-real", True), ("80", True)]:
+        monkeypatch.setattr(gu_module, "_get_ext", lambda archs=archs: FakeExt(archs))
+        monkeypatch.setattr(gu_module, "_RESOLVED", {})
+        names = ops.available_backends(cuda)
+        assert ("cuda" in names) is offered, (archs, names)
+        if not offered:
+            with pytest.raises(RuntimeError, match=r"CPSAMPLE_CUDA_ARCHS=\"90\""):
+                ops.resolve_backend("cuda", cuda)
+        else:
+            assert ops.resolve_backend("cuda", cuda) == "cuda"
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library registration
 # ---------------------------------------------------------------------------------------------
@@ -299,17 +351,30 @@ def test_opcheck_with_gradients():
 # ---------------------------------------------------------------------------------------------
 
 
+def _seed_backends():
+    names = ["auto", "torch", "cpp", "cuda"]  # cpp/cuda have no seed kernel: they run torch
+    from cpsample_fast.ops import _triton
+
+    if _triton.supports_device(torch.device("cpu")):
+        names.append("triton")  # the interpreter, as tests/conftest.py sets it up
+    return names
+
+
+@pytest.mark.parametrize("backend", _seed_backends())
 @pytest.mark.parametrize("mode", guidance.MODES)
-def test_guidance_seed_op_matches_guidance_module(mode):
-    logits = torch.tensor([-9.0, -3.0, -0.1, 0.0, 0.4, 5.0, 11.0])
-    scale = torch.tensor(2.5)
-    c, q, m = ops.guidance_seed(logits, scale, 0.05, mode, backend="torch")
-    c_ref, q_ref, m_ref = guidance.guidance_seed(logits, scale, 0.05, mode)
-    assert torch.equal(c, c_ref) and torch.equal(q, q_ref) and torch.equal(m, m_ref)
-    assert c.dtype == torch.float32 and m.dtype == torch.bool
+@pytest.mark.parametrize("alpha", [ALPHA_PAPER, 0.05])
+def test_guidance_seed_op_matches_closed_form(mode, backend, alpha):
+    """Each backend of the op against float64 closed-form values (tests/test_guidance.py), not
+    against guidance.py, which the torch backend simply calls."""
+    scale = 1000.0 * 0.6
+    c, q, m = ops.guidance_seed(torch.tensor(LOGITS), torch.tensor(scale), alpha, mode,
+                                backend=backend)  # fmt: skip
+    assert_matches_closed_form(c, q, m, LOGITS, scale, alpha, mode)
+    assert m.any() and not m.all()
     # Integer mode ids are the same op.
-    c2, _, _ = ops.guidance_seed(logits, scale, 0.05, guidance.mode_id(mode), backend="auto")
-    assert torch.equal(c2, c_ref)
+    c2, _, _ = ops.guidance_seed(torch.tensor(LOGITS), torch.tensor(scale), alpha,
+                                 guidance.mode_id(mode), backend=backend)  # fmt: skip
+    assert torch.equal(c2, c)
 
 
 def test_guidance_seed_bad_inputs():

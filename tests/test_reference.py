@@ -23,7 +23,7 @@ SHAPE = (3, 2, 3, 5)  # odd batch, non-power-of-two sizes
 class LinearProtector(torch.nn.Module):
     """``f(x_b, t) = <w, x_b> + bias`` (time-independent)."""
 
-    def __init__(self, w: torch.Tensor, bias: float):
+    def __init__(self, w: torch.Tensor, bias: float | torch.Tensor):  # bias: scalar or [B]
         super().__init__()
         self.w = torch.nn.Parameter(w.clone())
         self.bias = bias
@@ -97,10 +97,16 @@ def test_reference_matches_hand_computed_loop(mode, eta, clip):
     n = 6
     schedule = NoiseSchedule(clip_sample=clip, clip_sample_range=1.5)
     x_T, z, w = _inputs(n=n)
-    # bias 4 → min(r, 1-r) ≈ 0.018 < α = 0.1: guided on (nearly) every step
+    # per-sample bias: ±4 → min(r, 1-r) ≈ 0.018 < α = 0.1, guided; 1 → ≈ 0.27, never guided
+    # (<w, x> stays within ~±1): a reference that ignored the gate would not match
+    bias = np.array([4.0, 1.0, -4.0])
     kw = dict(num_inference_steps=n, eta=eta, scale=30.0, alpha=0.1, mode=mode)
-    expect = hand_loop(schedule, x_T, z, n, eta, 30.0, 0.1, mode, w, 4.0)
-    prot = LinearProtector(w, 4.0)
+    expect = hand_loop(schedule, x_T, z, n, eta, 30.0, 0.1, mode, w, bias)
+    prot = LinearProtector(w, torch.tensor(bias, dtype=torch.float32))
+    _, trace = reference_sample(LinearEps(), prot, schedule, SHAPE, noise=x_T, step_noise=z,
+                                return_trace=True, **kw)  # fmt: skip
+    print("gate per step", trace.gate.int().tolist())
+    assert (trace.gate.any(1) & ~trace.gate.all(1)).any()  # some steps partly open
     for dtype, tol in [(torch.float64, 1e-11), (torch.float32, 1e-5)]:
         out = reference_sample(  # each model is fed its own dtype: make the protector match
             LinearEps(),
@@ -117,7 +123,7 @@ def test_reference_matches_hand_computed_loop(mode, eta, clip):
         assert out.dtype == dtype
         assert err < tol
     # the guidance really acted: plain DDIM lands elsewhere
-    plain = hand_loop(schedule, x_T, z, n, eta, 0.0, 0.1, mode, w, 4.0)
+    plain = hand_loop(schedule, x_T, z, n, eta, 0.0, 0.1, mode, w, bias)
     assert _rel(plain, expect) > 1e-3
 
 

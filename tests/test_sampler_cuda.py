@@ -1,14 +1,21 @@
 """GPU-only checks of the fast sampler: CUDA backends, side streams, CUDA graphs (``cuda`` marker).
 
 On a machine without a GPU these are skipped; ``benchmarks/device_check.sh`` runs them where one
-exists. The CPU-reachable parts of the same options are checked at the bottom.
+exists. The one CPU-reachable rule of these options (streams refuse compile) is checked at the
+bottom.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_sampler import SHAPE, _models, _noise, _rel  # tests/ is on sys.path under pytest
+from test_sampler import (  # tests/ is on sys.path under pytest
+    SHAPE,
+    _assert_partly_open,
+    _models,
+    _noise,
+    _rel,
+)
 
 from cpsample_fast import ops
 from cpsample_fast.reference import reference_sample
@@ -31,7 +38,10 @@ def test_cuda_backends_equal_reference(backend):
         pytest.skip(f"{backend} not available on this GPU build")
     unet, prot, x_T, z = _cuda_setup()
     schedule = NoiseSchedule()
-    ref = reference_sample(unet, prot, schedule, SHAPE, noise=x_T, step_noise=z, **KW)
+    ref, ref_trace = reference_sample(
+        unet, prot, schedule, SHAPE, noise=x_T, step_noise=z, return_trace=True, **KW
+    )
+    _assert_partly_open(ref_trace)
     fast = CPSampler(unet, prot, schedule, backend=backend, **KW).sample(
         SHAPE, noise=x_T, step_noise=z
     )
@@ -66,14 +76,33 @@ def test_cuda_graphs_replay_draws_fresh_noise():
         assert _rel(b, a) < 1e-4
 
 
-def test_streams_option_rules_on_cpu():
-    unet, prot = _models()
+@pytest.mark.cuda
+def test_streams_run_the_protector_on_a_side_stream():
+    """streams=True really moves the protector off the current stream, and changes no bit."""
+    unet, prot, x_T, z = _cuda_setup()
     schedule = NoiseSchedule()
-    with pytest.raises(ValueError, match="streams=True works in eager mode only"):
-        CPSampler(unet, prot, schedule, streams=True, compile=True, **KW)
-    x_T, z = _noise()
-    plain = CPSampler(unet, prot, schedule, **KW).sample(SHAPE, noise=x_T, step_noise=z)
-    streamed = CPSampler(unet, prot, schedule, streams=True, **KW).sample(
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x, t):
+            seen.append(torch.cuda.current_stream(x.device).cuda_stream)
+            return prot(x, t)
+
+    main = torch.cuda.current_stream().cuda_stream
+    plain = CPSampler(unet, Recording(), schedule, **KW).sample(SHAPE, noise=x_T, step_noise=z)
+    assert seen and set(seen) == {main}
+    seen.clear()
+    streamed = CPSampler(unet, Recording(), schedule, streams=True, **KW).sample(
         SHAPE, noise=x_T, step_noise=z
     )
-    assert torch.equal(plain, streamed)  # no CUDA: the option changes nothing
+    print(f"protector streams: {sorted(set(seen))}, main {main}")
+    assert seen and main not in seen
+    assert torch.equal(plain, streamed)
+
+
+def test_streams_with_compile_is_refused():
+    unet, prot = _models()
+    with pytest.raises(ValueError, match="streams=True works in eager mode only"):
+        CPSampler(unet, prot, NoiseSchedule(), streams=True, compile=True, **KW)
+    with pytest.raises(ValueError, match="streams=True works in eager mode only"):
+        CPSampler(unet, prot, NoiseSchedule(), streams=True, compile="reduce-overhead", **KW)

@@ -234,6 +234,146 @@ def test_kernels_compile_for_h100_class_gpu():
         assert "ld.global.v4.b32" in ptx or "ld.global.nc.v4.b32" in ptx
 
 
+# ---------------------------------------------------------------------------------------------
+# Natively on a GPU (`cuda` marker, TRITON_INTERPRET=0: benchmarks/device_check.sh sets it)
+# ---------------------------------------------------------------------------------------------
+
+native = pytest.mark.skipif(
+    not (torch.cuda.is_available() and triton_impl.supports_device(torch.device("cuda"))),
+    reason="needs Triton running natively on a CUDA GPU (TRITON_INTERPRET unset or 0)",
+)
+
+
+def _cuda_case(shape, seed=0):
+    x, o, g, z, coefs = make_case(shape, seed)
+    return tuple(t.cuda() for t in (x, o, g, z, coefs))
+
+
+@pytest.mark.cuda
+@native
+@pytest.mark.parametrize("shape", [(3, 3, 32, 32), (5, 3, 17, 19), (3, 3, 33, 33), (2, 1)])
+@pytest.mark.parametrize("noise_mode", ["none", "tensor", "draw"])
+def test_native_triton_matches_torch_every_variant(shape, noise_mode):
+    """Every prediction type, clip on/off, with and without guidance, for sizes that fill the
+    1024-element block exactly (3·32·32), fall short of it (969), spill into a partly masked
+    last block (3267), or are tiny (1)."""
+    x, o, g, z, coefs = _cuda_case(shape)
+    rng = torch.tensor([2**33 + 7, 5, 11], device="cuda")
+    worst = 0.0
+    for p in range(3):
+        for clip in (False, True):
+            for guide in (None, g):
+                explicit = z if noise_mode == "tensor" else None
+                args = (x, o, guide, explicit, coefs, rng, p, clip, noise_mode == "draw")
+                ref, out = run("torch", *args), run("triton", *args)
+                # no noise / explicit noise: same operation order, a few ulp; in-kernel draws:
+                # GPU libm (log/cos/sqrt.approx) differs from the CPU's by a few ulp of |z| ≤ 6
+                tol = (1e-6 if noise_mode != "draw" else 1e-5) * max(ref.abs().max().item(), 1)
+                err = (out - ref).abs().max().item()
+                worst = max(worst, err / tol)
+                assert err <= tol, (p, clip, guide is not None, err)
+    print(f"{shape} noise={noise_mode}: worst err / tolerance {worst:.2e}")
+
+
+@pytest.mark.cuda
+@native
+def test_native_triton_batch_over_65535_samples():
+    """65,537 samples: two launches (grid y is limited to 65,535); the second launch's samples
+    must read and write their own rows and draw their own Philox noise."""
+    B = triton_impl.MAX_GRID_Y + 2
+    x, o, g, z, coefs = _cuda_case((B, 3))
+    rng = torch.tensor([77, 3, 5], device="cuda")
+    for noise_mode in ("none", "tensor", "draw"):
+        explicit = z if noise_mode == "tensor" else None
+        args = (x, o, g, explicit, coefs, rng, 0, True, noise_mode == "draw")
+        ref, out = run("torch", *args), run("triton", *args)
+        err = (out - ref).abs().max(dim=1).values  # [B]
+        tol = (1e-6 if noise_mode != "draw" else 1e-5) * max(ref.abs().max().item(), 1.0)
+        print(f"B={B} noise={noise_mode}: max err first launch {err[:-2].max().item():.2e}, "
+              f"second {err[-2:].max().item():.2e}")  # fmt: skip
+        assert (err <= tol).all(), torch.nonzero(err > tol)[:5].tolist()
+    # the last sample drawn alone (sample_offset = 5 + B - 1) equals its row in the batch
+    alone = run("triton", x[-1:], o[-1:], g[-1:], None, coefs,
+                torch.tensor([77, 3, 5 + B - 1], device="cuda"), 0, True, True)  # fmt: skip
+    batch = run("triton", x, o, g, None, coefs, rng, 0, True, True)
+    assert torch.equal(alone[0], batch[-1])
+
+
+@pytest.mark.cuda
+@native
+def test_native_triton_keeps_nan_through_the_clip():
+    """A NaN x̂0 must stay NaN after the clip (as torch.clamp keeps it), so the sampler's
+    non-finite check sees it; min/max that drop NaN would turn it into ±clip."""
+    x, o, g, _, coefs = _cuda_case((2, 3, 8, 8))
+    o[0, 0, 0, 0] = float("nan")
+    rng = torch.tensor([1, 0, 0], device="cuda")
+    for backend in ops.available_backends("cuda"):
+        out = run(backend, x, o, g, None, coefs, rng, 0, True, False)
+        print(backend, out[0, 0, 0, 0].item())
+        assert torch.isnan(out[0, 0, 0, 0]), backend
+        assert torch.isfinite(out[1]).all(), backend
+
+
+@pytest.mark.cuda
+@native
+@pytest.mark.parametrize("mode", guidance.MODES)
+def test_native_seed_kernel_matches_closed_form(mode):
+    """The seed kernel on the GPU against float64 closed forms (tests/test_guidance.py), over
+    several programs (5000 logits: blocks of 1024, the last partly masked)."""
+    from test_guidance import LOGITS, assert_matches_closed_form
+
+    logits = (LOGITS * 417)[:5000]
+    scale = 600.0
+    for alpha in (0.001, 0.05, 0.5):
+        c, q, m = ops.guidance_seed(torch.tensor(logits, device="cuda"),
+                                    torch.tensor(scale, device="cuda"), alpha, mode,
+                                    backend="triton")  # fmt: skip
+        assert_matches_closed_form(c.cpu(), q.cpu(), m.cpu(), logits, scale, alpha, mode)
+
+
+def _edge_logits(alpha: float, ulps: int = 4096) -> torch.Tensor:
+    """Every float32 within ±``ulps`` of |f| = log(1/α - 1), both signs."""
+    import math
+
+    edge = torch.tensor(math.log(1.0 / alpha - 1.0), dtype=torch.float32)
+    bits = edge.view(torch.int32).item() + torch.arange(-ulps, ulps + 1, dtype=torch.int32)
+    f = bits.view(torch.float32)
+    return torch.cat([f, -f])
+
+
+@interpreter
+def test_seed_kernel_gate_at_the_alpha_edge():
+    """Gate decisions of torch and of the Triton kernel (interpreter) next to the α edge: they
+    may differ from the exact decision only within 4·eps/(1 - α) of it (float32 rounding)."""
+    from test_guidance import gate_errors_in_edge_units
+
+    for alpha in (0.001, 0.02, 0.3):
+        f = _edge_logits(alpha, 1024)
+        one = torch.tensor(1.0)
+        for backend in ("torch", "triton"):
+            _, _, m = ops.guidance_seed(f, one, alpha, "repel", backend=backend)
+            width = gate_errors_in_edge_units(f, m, alpha)
+            print(f"α={alpha} {backend}: widest wrong decision {width:.2f} eps/(1-α) from the edge")
+            assert width <= 4.0
+
+
+@pytest.mark.cuda
+@native
+def test_native_seed_kernel_gate_at_the_alpha_edge():
+    """On the GPU, next to |f| = log(1/α - 1): an approximate sigmoid (exp2.approx + a
+    full-speed division) opens gates the reference keeps shut further from the edge than
+    float32 rounding allows (4·eps/(1 - α), what torch and the interpreter meet)."""
+    from test_guidance import gate_errors_in_edge_units
+
+    for alpha in (0.001, 0.02, 0.3):
+        f = _edge_logits(alpha).cuda()
+        _, _, m = ops.guidance_seed(f, torch.tensor(1.0, device="cuda"), alpha, "repel",
+                                    backend="triton")  # fmt: skip
+        width = gate_errors_in_edge_units(f, m, alpha)
+        print(f"α={alpha}: widest wrong GPU gate {width:.2f} eps/(1-α) from the edge")
+        assert width <= 4.0
+
+
 @pytest.mark.cuda
 def test_cuda_triton_matches_torch():
     x, o, g, z, coefs = (t.cuda() for t in make_case((4, 3, 32, 32)))

@@ -102,10 +102,26 @@ def _providers(x, o, g, coefs, rng, backends, compiled) -> dict[str, Callable[[]
     return calls
 
 
+# max |provider - torch| over max(|torch|, 1): float32, same operation order in every backend
+# (no FMA contraction), so anything above a few ulp is a wrong kernel, not rounding.
+MATCH_RTOL = 1e-5
+
+
 def run_update_bench(
-    settings: UpdateBenchSettings, progress: Callable[[str], None] | None = None
+    settings: UpdateBenchSettings,
+    progress: Callable[[str], None] | None = None,
+    on_rows: Callable[[list[Row]], None] | None = None,
 ) -> tuple[list[UpdateMeasurement], list[Row], dict[str, str]]:
     """Time the copy ceiling and each backend of the fused update at each size.
+
+    Each backend's output is also checked against the torch specification (``_torch.py``) on
+    the same inputs: a mismatch is recorded in ``errors`` (the timing is kept).
+
+    Args:
+        settings: what to measure.
+        progress: called with a short description before each measurement.
+        on_rows: called with each provider's rows as soon as they are measured (a run killed by
+            a time limit keeps them).
 
     Returns:
         ``(measurements, rows, errors)``; a provider that fails is recorded in ``errors``.
@@ -127,18 +143,28 @@ def run_update_bench(
         n = x.numel()
         inner = _inner_calls(n, device)
         providers = _providers(x, o, g, coefs, rng, backends, compiled)
+        with torch.no_grad():
+            spec = torch_ops.guided_update(x, o, g, None, coefs, rng, 0, True, False)
+        spec_scale = max(float(spec.abs().max()), 1.0)
         copy_gbps = None
         for name, fn in providers.items():
             say(f"update {name} @ {n:.0e}")
             try:
                 with torch.no_grad():
-                    timing, _ = measure(
+                    timing, out = measure(
                         fn, repeats=s.repeats, warmup=s.warmup, device=device, inner=inner
                     )
+                    diff = None if name == "copy" else float((out - spec).abs().max())
+                del out
             except Exception as exc:
                 errors[f"{name}@{n}"] = f"{type(exc).__name__}: {exc}"
                 errors[f"{name}@{n}:traceback"] = traceback.format_exc(limit=6)
                 continue
+            if diff is not None and not diff <= MATCH_RTOL * spec_scale:
+                errors[f"{name}@{n}"] = (
+                    f"MISMATCH: max |{name} - torch spec| = {diff:.3g} exceeds "
+                    f"{MATCH_RTOL * spec_scale:.3g} (timed anyway)"
+                )
             nbytes = (COPY_BYTES_PER_ELEMENT if name == "copy" else BYTES_PER_ELEMENT) * n
             gbps = (
                 nbytes / timing.median / 1e9,
@@ -150,13 +176,17 @@ def run_update_bench(
             frac = None if copy_gbps is None or name == "copy" else gbps[0] / copy_gbps
             measurements.append(UpdateMeasurement(name, n, timing, gbps, frac))
             extra = {"shape": list(x.shape), "bytes_per_element": nbytes // n, "inner": inner}
+            if diff is not None:
+                extra.update(max_abs_diff_vs_torch=diff, matches=diff <= MATCH_RTOL * spec_scale)
             us = timing.scaled(1e6)
-            rows.append(
-                Row(OP, name, "forward", "time", "us", "numel", n, us.median, us.p20, us.p80, extra)
-            )
-            rows.append(Row(OP, name, "forward", "bandwidth", "GB/s", "numel", n, *gbps, extra))
+            new_rows = [
+                Row(
+                    OP, name, "forward", "time", "us", "numel", n, us.median, us.p20, us.p80, extra
+                ),
+                Row(OP, name, "forward", "bandwidth", "GB/s", "numel", n, *gbps, extra),
+            ]
             if frac is not None:
-                rows.append(
+                new_rows.append(
                     Row(
                         OP,
                         name,
@@ -171,7 +201,10 @@ def run_update_bench(
                         extra,
                     )
                 )
-        del x, o, g
+            rows += new_rows
+            if on_rows is not None:
+                on_rows(new_rows)
+        del x, o, g, spec
     return measurements, rows, errors
 
 

@@ -69,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--backend", default="auto", help="fused-update backend of CPSampler")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the float64 reference")
+    parser.add_argument(
+        "--accuracy-batch",
+        type=int,
+        default=8,
+        help="samples the float64 reference covers (the first N of the batch; default 8)",
+    )
     parser.add_argument("--out", default=None, help="folder for bench.csv (appended) and JSON")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests and CI")
     d = parser.add_argument_group("diffusers")
@@ -132,7 +138,7 @@ def main(args: argparse.Namespace) -> int:
     from ..bench.update_suite import DEFAULT_SIZES, QUICK_SIZES
     from ..io import ensure_writable_dir, write_json_atomic
 
-    for name in ("batch", "steps", "repeats"):
+    for name in ("batch", "steps", "repeats", "accuracy_batch"):
         _check_positive(name, getattr(args, name))
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
@@ -200,6 +206,7 @@ def main(args: argparse.Namespace) -> int:
                 alpha=args.alpha,
                 backend=args.backend,
                 accuracy=not args.no_accuracy,
+                accuracy_batch=args.accuracy_batch,
             )
             result = run_sampler_bench(settings, bar.step, flush)
             tables.append(format_table(result))
@@ -225,8 +232,7 @@ def main(args: argparse.Namespace) -> int:
             usettings = UpdateBenchSettings(
                 device=device, sizes=sizes, repeats=max(repeats, 3), compile=not args.quick
             )
-            measurements, rows, errors = run_update_bench(usettings, bar.step)
-            flush(rows)
+            measurements, _rows, errors = run_update_bench(usettings, bar.step, flush)
             tables.append(format_update_table(measurements, errors))
             report["update"] = {
                 "settings": usettings.to_dict(),

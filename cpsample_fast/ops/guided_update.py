@@ -153,11 +153,42 @@ def _ext_has_cuda(ext) -> bool:
     return bool(info is not None and info().get("cuda", False))
 
 
+def _device_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _cuda_arch_problem(ext, device: torch.device) -> str | None:
+    """Why ``_C``'s CUDA kernels cannot run on ``device``'s GPU, or None when they can.
+
+    A build whose arch list does not cover the GPU would fail at the first launch with "no kernel
+    image is available"; an older build that does not record its archs is given the benefit of
+    the doubt.
+    """
+    from . import _ext
+
+    info = ext.build_info() if hasattr(ext, "build_info") else {}
+    archs = info.get("cuda_archs")
+    if not archs:
+        return None
+    capability = _device_capability(device)
+    listed = [a for a in str(archs).replace(";", ",").split(",") if a.strip()]
+    if any(_ext.arch_covers(a, capability) for a in listed):
+        return None
+    name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
+    return (
+        f"cpsample_fast._C's CUDA kernels were built for archs {';'.join(listed)}, which do not "
+        f"cover this GPU ({name}, sm_{capability[0]}{capability[1]}); rebuild with "
+        f"{_ext.arch_hint(capability)} (or add {capability[0]}{capability[1]} to the list)"
+    )
+
+
 def available_backends(device: torch.device | str) -> list[str]:
     """Concrete backends that can run the fused ops on tensors of ``device``, best first.
 
-    The first entry is what ``backend="auto"`` picks. ``"triton"`` on CPU (the interpreter, for
-    tests) is listed last: it is far slower than the others.
+    ``"cuda"`` is offered only when ``_C``'s CUDA kernels were built for an architecture that
+    covers the GPU (``_ext.arch_covers``). The first entry is what ``backend="auto"`` picks.
+    ``"triton"`` on CPU (the interpreter, for tests) is listed last: it is far slower than the
+    others.
     """
     device = torch.device(device)
     ext = _get_ext()
@@ -165,7 +196,7 @@ def available_backends(device: torch.device | str) -> list[str]:
     if device.type == "cuda":
         if _triton_impl.supports_device(device):
             names.append("triton")
-        if ext is not None and _ext_has_cuda(ext):
+        if ext is not None and _ext_has_cuda(ext) and _cuda_arch_problem(ext, device) is None:
             names.append("cuda")
         names.append("torch")
     elif device.type == "cpu":
@@ -220,6 +251,10 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
                 "backend='cuda' needs cpsample_fast._C built with its CUDA part (a CUDA toolkit "
                 f"and a CUDA-enabled torch at build time); {_BUILD_HINT}"
             )
+        if backend == "cuda":
+            problem = _cuda_arch_problem(ext, device)
+            if problem is not None:
+                raise RuntimeError(f"backend='cuda': {problem}")
         name = backend
     else:
         raise ValueError(f"guided_update: backend must be one of {BACKENDS}, got {backend!r}")
