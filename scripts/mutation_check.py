@@ -58,19 +58,25 @@ class Mutation:
 MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "gate-removed",
-        "guidance always on: the gate m = 1[min(r, 1-r) < α] replaced by True everywhere",
+        "guidance always on: the gate m = 1[|f| > log((1-α)/α)] replaced by True everywhere",
         (
             Edit(
                 "cpsample_fast/guidance.py",
-                "return torch.sigmoid(-logits.abs()) < alpha",
-                "return torch.ones_like(logits, dtype=torch.bool)",
+                "return a > gate_threshold(alpha)",
+                "return torch.ones_like(a, dtype=torch.bool)",
+            ),
+            Edit(
+                "cpsample_fast/guidance.py",
+                "return a.float() > gate_threshold_f32(alpha)",
+                "return torch.ones_like(a, dtype=torch.bool)",
             ),
             Edit(
                 "cpsample_fast/reference.py",
-                "m = torch.sigmoid(-f.abs()) < alpha",
+                "m = f.double().abs() > math.log((1 - alpha) / alpha)",
                 "m = torch.ones_like(f, dtype=torch.bool)",
+                count=2,  # the DDIM and the DPM-Solver++ loops
             ),
-            Edit("cpsample_fast/ops/_triton.py", "m = small < alpha", "m = small == small"),
+            Edit("cpsample_fast/ops/_triton.py", "m = a > tau", "m = a == a"),
         ),
     ),
     Mutation(
@@ -87,12 +93,15 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "eps-hat-flipped",
-        "ε̂ = ε - G instead of ε + G (the guidance added to ε with the wrong sign), every backend",
+        "ε̂ = ε - G instead of ε + G in the DDIM step (the guidance added to ε with the wrong "
+        "sign), every backend",
         (
-            Edit("cpsample_fast/reference.py", "eps = eps + guidance", "eps = eps - guidance"),
+            Edit(
+                "cpsample_fast/reference.py", "eps_hat = eps + guidance", "eps_hat = eps - guidance"
+            ),
             Edit("cpsample_fast/ops/_torch.py", "eps = eps + guidance", "eps = eps - guidance"),
             Edit("cpsample_fast/ops/_triton.py", "eps = eps + g\n", "eps = eps - g\n"),
-            Edit("csrc/cpsample/step_math.h", "eps_hat = eps + g;", "eps_hat = eps - g;"),
+            Edit("csrc/cpsample/step_math.h", "eps = eps + g;", "eps = eps - g;"),
         ),
     ),
     Mutation(
@@ -111,27 +120,35 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "clip-removed",
-        "x̂0 no longer clipped to ±clip_sample_range, every backend",
+        "x̂0 no longer clipped to ±clip_sample_range, every backend and both solvers",
         (
             Edit(
                 "cpsample_fast/reference.py",
-                "x0 = x0.clamp(-r_clip, r_clip)",
+                "x0_hat = x0_hat.clamp(-r_clip, r_clip)",
+                "x0_hat = x0_hat",
+            ),
+            Edit(
+                "cpsample_fast/reference.py",
+                "x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)",
                 "x0 = x0",
             ),
             Edit(
                 "cpsample_fast/ops/_torch.py",
                 "x0 = torch.clamp(x0, -clip_range, clip_range)",
                 "x0 = x0",
+                count=2,
             ),
+            Edit("cpsample_fast/ops/_triton.py", "x0 = _clamp_keep_nan(x0, c)", "x0 = x0"),
             Edit(
                 "cpsample_fast/ops/_triton.py",
-                "x0 = tl.minimum(tl.maximum(x0, -c), c)",
+                "x0 = _clamp_keep_nan(x0, tl.load(coefs_ptr + 6))",
                 "x0 = x0",
             ),
             Edit(
                 "csrc/cpsample/step_math.h",
-                "if (CLIP) {",
-                "if (false) {",
+                "if (CLIP) x0 = clamp_keep_nan(x0, c.clip);",
+                "if (false) x0 = clamp_keep_nan(x0, c.clip);",
+                count=2,
             ),
         ),
     ),
