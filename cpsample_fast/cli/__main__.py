@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "sample": "sample",
     "evaluate": "evaluate",
     "bench": "bench",
+    "tune": "tune",
 }
 
 

@@ -9,6 +9,7 @@ batches already written.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -35,6 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.001, help="gate threshold α (default 0.001)")
     p.add_argument("--mode", default="repel", choices=["repel", "attract", "entropy"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--settings",
+        help="settings JSON from `cpsample tune`: its mode/alpha/scale/guidance range/steps/eta "
+        "replace those options; refused unless tuned for this --model and --protector",
+    )
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "cpp", "torch"])
     p.add_argument("--compile", action="store_true", help="torch.compile the whole step")
     p.add_argument("--bf16", action="store_true", help="run both models in bfloat16")
@@ -98,6 +104,14 @@ def main(args) -> int:
         protector, meta = load_protector(args.protector, device=device)
         if meta.get("schedule") and not _same_schedule(meta["schedule"], schedule):
             print("warning: the protector was trained with a different noise schedule")
+    if args.settings:
+        try:
+            if protector is None:
+                raise ValueError("--settings needs --protector (the settings are tuned for one)")
+            _apply_settings(args, eps_model, protector, meta)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"cpsample sample: {err}", file=sys.stderr)
+            return 2
     dtype = torch.bfloat16 if args.bf16 else None
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     for m in (eps_model, protector):
@@ -108,6 +122,7 @@ def main(args) -> int:
         eps_model,
         protector,
         schedule,
+        guidance_range=getattr(args, "guidance_range", None),
         num_inference_steps=args.steps,
         eta=args.eta,
         scale=args.scale if protector is not None else 0.0,
@@ -181,6 +196,8 @@ def main(args) -> int:
             "scale": sampler.scale,
             "alpha": args.alpha,
             "mode": args.mode,
+            "guidance_range": getattr(args, "guidance_range", None),
+            "settings": args.settings,
             "seed": args.seed,
             "backend": args.backend,
             "compile": args.compile,
@@ -202,6 +219,22 @@ def main(args) -> int:
     return 0
 
 
+def _apply_settings(args, eps_model, protector, protector_meta) -> None:
+    """Replace the sampler options by a tuned settings file's, after checking its identity
+    (before any dtype / layout change: the hashes are of the weights as loaded)."""
+    from ..settings import load_settings
+
+    s = load_settings(
+        args.settings, eps_model=eps_model, protector=protector, protector_meta=protector_meta
+    )["sampler"]
+    args.mode, args.alpha, args.scale = s["mode"], s["alpha"], s["scale"]
+    args.steps, args.eta, args.guidance_range = (
+        s["num_inference_steps"],
+        s["eta"],
+        s["guidance_range"],
+    )
+
+
 def _file_stamp(path: Path) -> list:
     """Identity of a model file or folder for the resume manifest: (name, size, mtime) of each
     file, cheap even for multi-GB weights."""
@@ -215,6 +248,8 @@ def _manifest(args, shape_chw) -> dict:
     keys = ("model", "protector", "num_samples", "batch_size", "steps", "eta", "scale", "alpha",
             "mode", "seed", "bf16", "channels_last")  # fmt: skip
     manifest = {k: getattr(args, k) for k in keys}
+    if getattr(args, "guidance_range", None) is not None:
+        manifest["guidance_range"] = list(args.guidance_range)
     manifest["shape"] = list(shape_chw)
     for k in ("model", "protector"):
         value = getattr(args, k)
