@@ -7,6 +7,9 @@ the ``cpsample::guidance_seed`` op's torch kernel.
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 
 MODES = ("repel", "attract", "entropy")
@@ -34,13 +37,40 @@ def confidence(logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits.abs())
 
 
-def gate(logits: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``m = 1[q > 1 - α]``, i.e. ``min(r, 1 - r) < α`` (SPEC §3 step 3), as a bool ``[B]``.
+def gate_threshold(alpha: float) -> float:
+    """``τ = logit(1 - α) = log((1 - α)/α)`` in float64: ``q > 1 - α  ⇔  |f| > τ``."""
+    alpha = check_alpha(alpha)
+    return math.log((1.0 - alpha) / alpha)
 
-    Evaluated as ``sigmoid(-|f|) < α``: the small side of the sigmoid keeps full float precision
-    at α = 0.001, where ``1 - α`` next to ``q ≈ 1`` would lose digits.
+
+def gate_threshold_f32(alpha: float) -> float:
+    """The largest float32 ``τ32 ≤ τ``: for every float32 ``|f|``, ``|f| > τ32  ⇔  |f| > τ``.
+
+    (No float32 lies in ``(τ32, τ]`` unless it is ``τ`` itself, in which case ``τ32 = τ``.)
+    A Python float that is exactly a float32, so passing it to a float32 comparison or a Triton
+    ``fp32`` argument does not round it again.
     """
-    return torch.sigmoid(-logits.abs()) < alpha
+    tau = gate_threshold(alpha)  # >= 0 since α <= 0.5
+    t32 = struct.unpack("<f", struct.pack("<f", tau))[0]  # round to nearest
+    if t32 > tau:  # one float32 step down (positive floats: the bit pattern minus one)
+        bits = struct.unpack("<I", struct.pack("<f", t32))[0]
+        t32 = struct.unpack("<f", struct.pack("<I", bits - 1))[0]
+    return t32
+
+
+def gate(logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``m = 1[q > 1 - α]`` (docs/ALGORITHM.md §3), as a bool ``[B]``.
+
+    Evaluated exactly as ``|f| > τ = log((1 - α)/α)`` with ``τ`` from the host in float64
+    (``gate_threshold_f32`` for float32 logits), not as ``sigmoid(-|f|) < α``: the float32
+    sigmoid differs by an ulp between devices and libraries (Sleef on CPU, libdevice or the
+    approximate ``ex2`` in a Triton kernel on GPU), which can flip a gate right at the boundary.
+    The threshold form gives the same gate on every device and backend.
+    """
+    a = logits.abs()
+    if a.dtype == torch.float64:
+        return a > gate_threshold(alpha)
+    return a.float() > gate_threshold_f32(alpha)
 
 
 def mode_weight(logits: torch.Tensor, mode: str) -> torch.Tensor:

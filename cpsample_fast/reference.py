@@ -8,6 +8,8 @@ Nothing here imports from ``cpsample_fast.ops``: it stays an independent check o
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -66,6 +68,7 @@ def reference_sample(
     dtype: torch.dtype = torch.float32,
     guidance_range: tuple[int, int] | None = None,
     callback=None,
+    use_clipped_model_output: bool = False,
 ):
     """Protected DDIM sampling, SPEC §3 steps 1–7, eagerly and one obvious operation at a time.
 
@@ -89,6 +92,8 @@ def reference_sample(
         dtype: dtype of x_t and the update (float64 for a high-precision reference).
         guidance_range: optional inclusive ``(t_min, t_max)``; guidance only at those timesteps.
         callback: optional ``callback(step, t, x)`` after every step.
+        use_clipped_model_output: as diffusers' ``DDIMScheduler.step``: the direction term's ε̂
+            is re-derived from the clipped x̂0, ``(x_t - √ᾱ_t·x̂0) / √(1-ᾱ_t)``, for every sample.
 
     Returns:
         The final images ``[B, C, H, W]``, and the trace when ``return_trace``.
@@ -104,6 +109,10 @@ def reference_sample(
     )
     shape = check_shape(shape)
     check_noise_args(shape, num_inference_steps, noise, step_noise)
+    if not isinstance(use_clipped_model_output, bool):
+        raise TypeError(
+            f"use_clipped_model_output must be a bool, got {use_clipped_model_output!r}"
+        )
     if device is None:
         device = noise.device if noise is not None else torch.device("cpu")
     B = shape[0]
@@ -147,7 +156,8 @@ def reference_sample(
         else:
             raise ValueError(f"unknown prediction_type {schedule.prediction_type!r}")
 
-        # 2-5. protector, gate, guidance: ε̂ = ε + s·√(1-ᾱ_t)·m·g
+        # 2-5. protector, gate, guidance term G = s·√(1-ᾱ_t)·m·g
+        guidance = None
         in_range = guidance_range is None or guidance_range[0] <= t <= guidance_range[1]
         if guided and in_range:
             with torch.enable_grad():
@@ -155,9 +165,9 @@ def reference_sample(
                 f = check_protector_output(prot_call(x_in, t_batch), B, k, t).to(dtype)
                 _check_finite(f, "protector", k, t)
                 r = torch.sigmoid(f)
-                # min(r, 1 - r) < α, with min(r, 1 - r) = sigmoid(-|f|) computed directly:
-                # 1 - r cancels near r ≈ 1 (~6e-5 relative error at α = 1e-3)
-                m = torch.sigmoid(-f.abs()) < alpha
+                # q = max(r, 1 - r) > 1 - α  <=>  |f| > log((1 - α) / α), compared exactly in
+                # float64 (docs/CONTRACTS.md "Guidance": the gate is exact, on every device)
+                m = f.double().abs() > math.log((1 - alpha) / alpha)
                 if return_trace:
                     trace.logits[k] = f.detach().float()
                     trace.confidence[k] = torch.maximum(r, 1 - r).detach().float()
@@ -166,19 +176,34 @@ def reference_sample(
                     (g,) = torch.autograd.grad(_objective(f, mode).sum(), x_in)
                     mask = m.to(dtype).view(B, 1, 1, 1)
                     guidance = scale * b_t ** (0.5) * mask * g.to(dtype)
-                    eps = eps + guidance
-                    # 6. x̂0 = (x_t - √(1-ᾱ_t) ε̂) / √ᾱ_t, written as a correction of the
-                    # model's own x̂0 so that v- and x0-prediction keep their precision
-                    x0 = x0 - (b_t ** (0.5) / a_t ** (0.5)) * guidance
+
+        # 6. x̂0 and ε̂ under the clip-consistent rule (docs/CONTRACTS.md "The fused update"):
+        # the guidance moves x̂0 by -(√(1-ᾱ_t)/√ᾱ_t)·G; clipping may cut that move, and ε̂ takes
+        # exactly the move that survived, Δ = clip(x̂0 guided) - clip(x̂0 unguided), so the step
+        # goes along the clipped shift and never towards confidence. G = 0 is diffusers' step.
+        x0_guided = x0
+        if guidance is not None:
+            x0_guided = x0 - (b_t ** (0.5) / a_t ** (0.5)) * guidance
         if schedule.clip_sample:
             r_clip = schedule.clip_sample_range
-            x0 = x0.clamp(-r_clip, r_clip)
+            x0_hat = x0_guided.clamp(-r_clip, r_clip)
+        else:
+            x0_hat = x0_guided
+        if use_clipped_model_output:
+            eps_hat = (x - a_t ** (0.5) * x0_hat) / b_t ** (0.5)
+        elif guidance is None:
+            eps_hat = eps
+        elif schedule.clip_sample:
+            delta = x0_hat - x0.clamp(-r_clip, r_clip)
+            eps_hat = eps - (a_t ** (0.5) / b_t ** (0.5)) * delta
+        else:
+            eps_hat = eps + guidance
 
         # 7. DDIM update (DDIMScheduler._get_variance and step)
         variance = (b_prev / b_t) * (1 - a_t / a_prev)
         std = eta * variance ** (0.5)
-        direction = (1 - a_prev - std**2) ** (0.5) * eps
-        x = a_prev ** (0.5) * x0 + direction
+        direction = (1 - a_prev - std**2) ** (0.5) * eps_hat
+        x = a_prev ** (0.5) * x0_hat + direction
         if eta > 0:
             if step_noise is not None:
                 z = step_noise[k].to(device=device, dtype=dtype)

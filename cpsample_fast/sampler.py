@@ -42,6 +42,21 @@ class _Run:
     side_stream: object = None
 
 
+def _scaled_guidance(g: torch.Tensor, scale_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``G = scale_t · g`` as a row-major float32 tensor like ``x``, in one pass over ``g``.
+
+    A channels_last protector (or one in bf16) returns its input gradient channels_last; the
+    fused update reads row-major memory, so the layout change is folded into the scaling the
+    step needs anyway instead of costing a copy inside the op. Compiled, inductor fuses the
+    product and the layout change into one kernel.
+    """
+    if torch.compiler.is_compiling():
+        return (g.float() * scale_t).contiguous()
+    if g.dtype != torch.float32:
+        g = g.float()  # bf16/fp16 products would round to the low precision
+    return torch.mul(g, scale_t, out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
+
+
 def _as_int64(value, name: str, lo: int = -(2**63)) -> int:
     """A Python int as the signed int64 the device tables hold (seeds in [2**63, 2**64) wrap
     to the same 64 bits, which is what the Philox key reads)."""
@@ -79,6 +94,10 @@ class CPSampler:
         compile_options: inductor options for ``compile``, e.g. ``{"freezing": True}``
             (constant-folds the weights: on the 2-core CPU, CIFAR-like config, 1.15× vs 1.12×
             the reference without it; the models' weights must not change afterwards).
+        use_clipped_model_output: as diffusers' ``DDIMScheduler.step``: the direction term's ε̂
+            is re-derived from the clipped x̂0, ``(x_t - √ᾱ_t·x̂0) / √(1-ᾱ_t)``, for every sample
+            (default False: the model's ε, plus the guidance's clipped shift of x̂0 on guided
+            samples; docs/CONTRACTS.md "The fused update").
     """
 
     def __init__(
@@ -97,6 +116,7 @@ class CPSampler:
         guidance_range: tuple[int, int] | None = None,
         streams: bool = False,
         compile_options: dict | None = None,
+        use_clipped_model_output: bool = False,
     ):
         scale, alpha = resolve_guidance_args(protector, scale, alpha)
         check_sampling_args(
@@ -107,6 +127,10 @@ class CPSampler:
             alpha=alpha,
             mode=mode,
         )
+        if not isinstance(use_clipped_model_output, bool):
+            raise TypeError(
+                f"use_clipped_model_output must be a bool, got {use_clipped_model_output!r}"
+            )
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
         if guidance_range is not None:
@@ -121,6 +145,7 @@ class CPSampler:
         self.schedule = schedule
         self.num_inference_steps = num_inference_steps
         self.eta = float(eta)
+        self.use_clipped_model_output = use_clipped_model_output
         self.scale = float(scale)
         self.alpha = float(alpha)
         self.mode = mode
@@ -229,13 +254,16 @@ class CPSampler:
             clip_sample=bool(self.schedule.clip_sample),
             draw_noise=draw_noise,
             backend=run.backend,
+            use_clipped_model_output=self.use_clipped_model_output,
         )
         finite = torch.stack([torch.isfinite(out).all(), finite_f, torch.isfinite(x_next).all()])
         return x_next, f, q, m, finite
 
     def _eps_out(self, x, t):
-        """SPEC §3 step 1: the eps-model's raw output, float32 and row-major for the update."""
-        return check_model_output(self._eps(x, t), x, None, None).float().contiguous()
+        """Step 1 (docs/ALGORITHM.md §3): the eps-model's raw output, float32 and row-major for
+        the update, in one copy at most (a bf16 and/or channels_last output is converted once)."""
+        out = check_model_output(self._eps(x, t), x, None, None)
+        return out.to(dtype=torch.float32, memory_format=torch.contiguous_format)
 
     def _guidance(self, x, t, k1, tables, guided: bool, run: _Run):
         """SPEC §3 steps 2–5: logits, confidence, gate and the scaled guidance term G.
@@ -270,8 +298,7 @@ class CPSampler:
                 )
                 (g,) = torch.autograd.grad(f, x_in, grad_outputs=c)
             f = f.detach()
-        g = g.float() * scale_t  # contiguous float32 (the product allocates it so)
-        return f, q, m, g, torch.isfinite(f).all()
+        return f, q, m, _scaled_guidance(g, scale_t, x), torch.isfinite(f).all()
 
     # ------------------------------------------------------------------ helpers
     def _device_tables(self, device) -> dict:

@@ -61,7 +61,7 @@ at::Tensor guided_update(const at::Tensor& x, const at::Tensor& model_out,
                          const std::optional<at::Tensor>& guidance,
                          const std::optional<at::Tensor>& noise, const at::Tensor& coefs,
                          const at::Tensor& rng, int64_t prediction_type, bool clip_sample,
-                         bool draw_noise) {
+                         bool draw_noise, bool use_clipped_model_output) {
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "guided_update: x must be float32, got ",
                    x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() >= 1, "guided_update: x must have a batch dimension [B, ...], got a ",
@@ -86,7 +86,8 @@ at::Tensor guided_update(const at::Tensor& x, const at::Tensor& model_out,
   if (x.is_cuda()) {
 #ifdef CPSAMPLE_WITH_CUDA
     cpsample::cuda::guided_update(x, model_out, guidance, noise, coefs, rng, out,
-                                  static_cast<int>(prediction_type), clip_sample, draw_noise);
+                                  static_cast<int>(prediction_type), clip_sample, draw_noise,
+                                  use_clipped_model_output);
     return out;
 #else
     TORCH_CHECK(false,
@@ -109,6 +110,7 @@ at::Tensor guided_update(const at::Tensor& x, const at::Tensor& model_out,
   args.prediction_type = static_cast<int>(prediction_type);
   args.clip_sample = clip_sample;
   args.draw_noise = draw_noise;
+  args.use_clipped_model_output = use_clipped_model_output;
   args.num_threads = at::get_num_threads();  // follows torch.set_num_threads
   {
     // The kernel only reads raw buffers: let other Python threads run meanwhile.
@@ -233,14 +235,15 @@ PYBIND11_MODULE(_C, m) {
       [](const at::Tensor& x, const at::Tensor& model_out,
          const std::optional<at::Tensor>& guidance, const std::optional<at::Tensor>& noise,
          const at::Tensor& coefs, const at::Tensor& rng, int64_t prediction_type,
-         bool clip_sample, bool draw_noise) {
+         bool clip_sample, bool draw_noise, bool use_clipped_model_output) {
         return translate_errors([&] {
           return guided_update(x, model_out, guidance, noise, coefs, rng, prediction_type,
-                               clip_sample, draw_noise);
+                               clip_sample, draw_noise, use_clipped_model_output);
         });
       },
       py::arg("x"), py::arg("model_out"), py::arg("guidance"), py::arg("noise"), py::arg("coefs"),
       py::arg("rng"), py::arg("prediction_type"), py::arg("clip_sample"), py::arg("draw_noise"),
+      py::arg("use_clipped_model_output") = false,
       R"doc(Fused CPSample update x_t -> x_{t'} (docs/CONTRACTS.md "The fused update").
 
 Args:
@@ -251,8 +254,10 @@ Args:
     coefs: float32 [6] on x's device: (sa, s1, sp, d, sigma, clip_range).
     rng: int64 [3] on x's device: (seed, step, sample_offset).
     prediction_type: 0 epsilon, 1 v_prediction, 2 sample.
-    clip_sample: clamp x0_hat to +-clip_range.
+    clip_sample: clamp x0_hat to +-clip_range (clip-consistent: eps_hat carries only the
+        guidance's shift of x0_hat that survived the clip).
     draw_noise: without `noise`, draw z from Philox (counter j, sample_offset + b, step, 0).
+    use_clipped_model_output: eps_hat = (x - sa*x0_hat)/s1, as diffusers' DDIMScheduler.step.
 
 Returns:
     float32 tensor like x: x_{t'}.

@@ -86,6 +86,8 @@ def formula(x, o, g, z, coefs, prediction_type: int, clip: bool, dtype):
         eps_hat, x0_hat = eps, x0
     if clip:
         x0_hat = x0_hat.clamp(-c, c)
+        if g is not None:  # clip-consistent: only the guidance's shift that survived the clip
+            eps_hat = eps - (sa / s1) * (x0_hat - x0.clamp(-c, c))
     out = sp * x0_hat + d * eps_hat
     if z is not None:
         out = out + sigma * z.to(dtype)

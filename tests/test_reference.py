@@ -55,6 +55,7 @@ def hand_loop(schedule, x_T, z, n, eta, scale, alpha, mode, w, bias):
         tp = t - T // n
         a, ap = ac[t], (ac[tp] if tp >= 0 else final)
         eps = 0.3 * x + 0.05 * t / 1000.0
+        eps_model = eps
         if scale > 0:
             f = (x * w).reshape(B, -1).sum(1) + bias  # [B]
             r = _sigmoid(f)
@@ -64,8 +65,11 @@ def hand_loop(schedule, x_T, z, n, eta, scale, alpha, mode, w, bias):
             coef = scale * math.sqrt(1 - a) * m * weight * np.sign(f)  # [B]
             eps = eps + coef.reshape(B, 1, 1, 1) * w
         x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
-        if schedule.clip_sample:
-            x0 = np.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
+        if schedule.clip_sample:  # clip-consistent rule: ε̂ keeps the clipped shift of x̂0 only
+            c = schedule.clip_sample_range
+            x0_model = (x - math.sqrt(1 - a) * eps_model) / math.sqrt(a)
+            x0 = np.clip(x0, -c, c)
+            eps = eps_model - math.sqrt(a / (1 - a)) * (x0 - np.clip(x0_model, -c, c))
         var = (1 - ap) / (1 - a) * (1 - a / ap)
         sigma = eta * math.sqrt(var)
         x = math.sqrt(ap) * x0 + math.sqrt(1 - ap - sigma**2) * eps

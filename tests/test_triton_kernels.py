@@ -174,22 +174,24 @@ from cpsample_fast.ops import _triton as T
 target = GPUTarget("cuda", 90, 32)
 ptrs = {n: "*fp32" for n in ("x_ptr", "o_ptr", "g_ptr", "z_ptr", "coefs_ptr", "out_ptr")}
 sig = {**ptrs, "rng_ptr": "*i64", "n_per_sample": "i32", "first_sample": "i32"}
-names = ("PREDICTION_TYPE", "CLIP_SAMPLE", "HAS_GUIDANCE", "NOISE_MODE", "BLOCK")
+names = ("PREDICTION_TYPE", "CLIP_SAMPLE", "HAS_GUIDANCE", "NOISE_MODE", "BLOCK", "CLIPPED_EPS")
 sig.update(dict.fromkeys(names, "constexpr"))
 div16 = {(i,): [["tt.divisibility", 16]] for i in range(9)}  # as Triton specialises 3*32*32
 out = []
-for values in [(0, True, True, 2, 1024), (1, False, False, 1, 1024), (2, True, True, 0, 1024)]:
+for values in [(0, True, True, 2, 1024, False), (1, False, False, 1, 1024, False),
+               (2, True, True, 0, 1024, False), (0, True, True, 0, 1024, True)]:
     src = ASTSource(T._guided_update_kernel, sig, constexprs=dict(zip(names, values)), attrs=div16)
     opts = {"num_warps": 4, "enable_fp_fusion": False}  # as the launcher passes it
     k = triton.compile(src, target=target, options=opts)
-    out.append({"p": values[0], "noise": values[3], "ptx": k.asm["ptx"],
+    out.append({"p": values[0], "clip": values[1], "noise": values[3], "ptx": k.asm["ptx"],
                 "cubin": len(k.asm["cubin"])})
 sig_seed = {"logits_ptr": "*fp32", "scale_ptr": "*fp32", "c_ptr": "*fp32", "q_ptr": "*fp32",
-            "m_ptr": "*i1", "batch": "i32", "alpha": "fp32", "MODE": "constexpr",
+            "m_ptr": "*i1", "batch": "i32", "tau": "fp32", "MODE": "constexpr",
             "BLOCK": "constexpr"}
 src = ASTSource(T._guidance_seed_kernel, sig_seed, constexprs={"MODE": 2, "BLOCK": 128})
 k = triton.compile(src, target=target, options={"num_warps": 4})
-out.append({"p": -1, "ptx": k.asm["ptx"], "cubin": len(k.asm["cubin"])})
+out.append({"p": -1, "clip": False, "noise": 0, "ptx": k.asm["ptx"],
+            "cubin": len(k.asm["cubin"])})
 print(json.dumps(out))
 """
 
@@ -214,9 +216,14 @@ def test_kernels_compile_for_h100_class_gpu():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     for r in results:
         assert r["cubin"] > 0
+        ptx = r["ptx"]
         if r["p"] < 0:
             continue
-        ptx = r["ptx"]
+        if r["clip"] and r["noise"] != 2:
+            # the clip keeps NaN (compare + select), unlike min/max, which return the bound
+            # (issue 13); Box-Muller's max(u1, 1e-7) is the only min/max of the noisy variants
+            assert "min.f32" not in ptx and "max.f32" not in ptx
+            assert "selp.f32" in ptx
         assert "div.full" not in ptx  # IEEE division (div_rn), as torch and CUDA's `/`
         if r["noise"] != 2:  # the update itself rounds like torch eager: no FMA contraction
             assert "fma.rn.f32" not in ptx

@@ -41,6 +41,8 @@ import os
 
 import torch
 
+from .. import guidance as _guidance
+
 try:
     import triton
     import triton.language as tl
@@ -88,6 +90,13 @@ def supports_device(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _clamp_keep_nan(v, c):
+        """``clamp(v, -c, c)`` that keeps NaN, as ``torch.clamp``: ``tl.minimum``/``maximum``
+        (and ``tl.clamp``) lower to min/max that return the bound for a NaN operand."""
+        v = tl.where(v < -c, -c, v)
+        return tl.where(v > c, c, v)
+
+    @triton.jit
     def _guided_update_kernel(
         x_ptr,  # [B, N] float32, x_t
         o_ptr,  # [B, N] float32, model output
@@ -103,6 +112,7 @@ if triton is not None:
         HAS_GUIDANCE: tl.constexpr,
         NOISE_MODE: tl.constexpr,  # 0 none, 1 tensor, 2 in-kernel Philox
         BLOCK: tl.constexpr,
+        CLIPPED_EPS: tl.constexpr = False,  # ε̂ = (x - sa·x̂0)/s1 (use_clipped_model_output)
     ):
         pid_block = tl.program_id(0)
         b = tl.program_id(1) + first_sample
@@ -127,14 +137,24 @@ if triton is not None:
         else:
             x0 = o
             eps = tl.math.div_rn(x - sa * o, s1)
+        x0_hat = x0
         if HAS_GUIDANCE:
             g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-            eps = eps + g
-            x0 = x0 - tl.math.div_rn(s1, sa) * g
+            x0_hat = x0 - tl.math.div_rn(s1, sa) * g
+        c = tl.load(coefs_ptr + 5)
         if CLIP_SAMPLE:
-            c = tl.load(coefs_ptr + 5)
-            x0 = tl.minimum(tl.maximum(x0, -c), c)
-        out = sp * x0 + d * eps
+            x0_hat = _clamp_keep_nan(x0_hat, c)
+        if CLIPPED_EPS:
+            eps_hat = tl.math.div_rn(x - sa * x0_hat, s1)
+        elif HAS_GUIDANCE:
+            if CLIP_SAMPLE:
+                delta = x0_hat - _clamp_keep_nan(x0, c)
+                eps_hat = eps - tl.math.div_rn(sa, s1) * delta
+            else:
+                eps_hat = eps + g
+        else:
+            eps_hat = eps
+        out = sp * x0_hat + d * eps_hat
         if NOISE_MODE == 1:
             z = tl.load(z_ptr + offs, mask=mask, other=0.0)
             out = out + sigma * z
@@ -171,6 +191,7 @@ def guided_update(
     prediction_type: int,
     clip_sample: bool,
     draw_noise: bool,
+    use_clipped_model_output: bool = False,
 ) -> torch.Tensor:
     """Launch ``_guided_update_kernel`` (inputs already validated). Returns float32 like ``x``."""
     if triton is None:
@@ -190,7 +211,8 @@ def guided_update(
     with _on_device(x):
         for first in range(0, batch, MAX_GRID_Y):  # one launch unless batch > 65535
             _launch_update(x, model_out, guidance, noise, coefs, rng, out, n, first, block,
-                           num_warps, prediction_type, clip_sample, noise_mode)  # fmt: skip
+                           num_warps, prediction_type, clip_sample, noise_mode,
+                           use_clipped_model_output)  # fmt: skip
     return out
 
 
@@ -200,7 +222,7 @@ def _on_device(t: torch.Tensor):
 
 
 def _launch_update(x, model_out, guidance, noise, coefs, rng, out, n, first, block, num_warps,
-                   prediction_type, clip_sample, noise_mode):  # fmt: skip
+                   prediction_type, clip_sample, noise_mode, clipped_eps=False):  # fmt: skip
     grid = (triton.cdiv(n, block), min(x.shape[0] - first, MAX_GRID_Y))
     _guided_update_kernel[grid](
         x,
@@ -214,6 +236,7 @@ def _launch_update(x, model_out, guidance, noise, coefs, rng, out, n, first, blo
         first,
         PREDICTION_TYPE=prediction_type,
         CLIP_SAMPLE=bool(clip_sample),
+        CLIPPED_EPS=bool(clipped_eps),
         HAS_GUIDANCE=guidance is not None,
         NOISE_MODE=noise_mode,
         BLOCK=block,
@@ -234,7 +257,7 @@ if triton is not None:
         q_ptr,  # [B] float32 out: confidence
         m_ptr,  # [B] bool out: gate
         batch,
-        alpha,  # float32 gate threshold
+        tau,  # float32 gate threshold on |f|: guidance.gate_threshold_f32(α), from the host
         MODE: tl.constexpr,  # 0 repel, 1 attract, 2 entropy (guidance.MODES)
         BLOCK: tl.constexpr,
     ):
@@ -243,8 +266,10 @@ if triton is not None:
         f = tl.load(logits_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         a = tl.abs(f)
         q = tl.sigmoid(a)
-        small = tl.sigmoid(-a)  # min(r, 1 - r), full precision near 0 (guidance.gate)
-        m = small < alpha
+        small = tl.sigmoid(-a)  # min(r, 1 - r), full precision near 0
+        # the gate compares |f| with an exact host threshold (guidance.gate): tl.sigmoid lowers
+        # to an approximate exp2 and a full-range division on GPU, which could flip it
+        m = a > tau
         if MODE == 0:
             w = small
         elif MODE == 1:
@@ -283,6 +308,7 @@ def guidance_seed(
     logits = logits.contiguous()  # a no-op for the usual [B] logits; a column view is copied
     with _on_device(logits):
         _guidance_seed_kernel[(triton.cdiv(batch, block),)](
-            logits, scale_t, c, q, m, batch, float(alpha), MODE=mode, BLOCK=block
+            logits, scale_t, c, q, m, batch, _guidance.gate_threshold_f32(alpha), MODE=mode,
+            BLOCK=block,
         )
     return c, q, m

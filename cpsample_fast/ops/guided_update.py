@@ -83,13 +83,15 @@ def check_guided_update_args(
     clip_sample: bool,
     draw_noise: bool,
     backend: str,
-    contiguous: bool = True,
+    contiguous: bool = False,
+    use_clipped_model_output: bool = False,
 ) -> None:
     """Validate the op's arguments; raise ``TypeError``/``ValueError`` naming the bad one.
 
-    ``contiguous=False`` (inside the op and its fake) accepts any strides: inductor may hand a
-    custom op other strides than the traced program had (layout optimisation under freezing),
-    and the op makes its inputs contiguous itself.
+    The op accepts any strides (a channels_last protector returns a channels_last input
+    gradient; inductor may hand a custom op other strides than the traced program had) and makes
+    its inputs row-major itself, a no-op for the contiguous tensors the sampler passes.
+    ``contiguous=True`` insists on row-major inputs (what the kernels themselves read).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"guided_update: x must be a tensor, got {type(x).__name__}")
@@ -117,6 +119,11 @@ def check_guided_update_args(
         raise TypeError(f"guided_update: clip_sample must be a bool, got {clip_sample!r}")
     if not isinstance(draw_noise, bool):
         raise TypeError(f"guided_update: draw_noise must be a bool, got {draw_noise!r}")
+    if not isinstance(use_clipped_model_output, bool):
+        raise TypeError(
+            "guided_update: use_clipped_model_output must be a bool, got "
+            f"{use_clipped_model_output!r}"
+        )
     if backend not in BACKENDS:
         raise ValueError(f"guided_update: backend must be one of {BACKENDS}, got {backend!r}")
     n = x.numel() // x.shape[0] if x.shape[0] > 0 else 0
@@ -220,13 +227,17 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return name
 
 
-def _run_ext(x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise):
+def _run_ext(
+    x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise,
+    use_clipped_model_output=False,
+):  # fmt: skip
     ext = _get_ext()
     if ext is None:  # resolved earlier, but the module may have been unloaded since
         raise RuntimeError(f"cpsample_fast._C is not built; {_BUILD_HINT}")
     return ext.guided_update(
-        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise
-    )
+        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise,
+        use_clipped_model_output,
+    )  # fmt: skip
 
 
 _IMPLS = {
@@ -247,35 +258,44 @@ _IMPLS = {
     mutates_args=(),
     schema=(
         "(Tensor x, Tensor model_out, Tensor? guidance, Tensor? noise, Tensor coefs, Tensor rng, "
-        "int prediction_type, bool clip_sample, bool draw_noise, str backend) -> Tensor"
+        "int prediction_type, bool clip_sample, bool draw_noise, str backend, "
+        "bool use_clipped_model_output=False) -> Tensor"
     ),
 )
 def _guided_update_op(
-    x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend
-):
+    x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend,
+    use_clipped_model_output=False,
+):  # fmt: skip
     opts = (prediction_type, clip_sample, draw_noise, backend)
-    check_guided_update_args(x, model_out, guidance, noise, coefs, rng, *opts, contiguous=False)
+    check_guided_update_args(x, model_out, guidance, noise, coefs, rng, *opts,
+                             use_clipped_model_output=use_clipped_model_output)  # fmt: skip
+    # Row-major for the kernels (the Philox counter is the row-major element index): no-ops for
+    # the sampler's tensors, one copy for a caller's channels_last ones.
     x, model_out = x.contiguous(), model_out.contiguous()
     guidance = None if guidance is None else guidance.contiguous()
     noise = None if noise is None else noise.contiguous()
     impl = _IMPLS[resolve_backend(backend, x.device)]
-    return impl(x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise)
+    return impl(x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise,
+                use_clipped_model_output)  # fmt: skip
 
 
 @_guided_update_op.register_fake
 def _guided_update_fake(
-    x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend
-):
+    x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend,
+    use_clipped_model_output=False,
+):  # fmt: skip
     opts = (prediction_type, clip_sample, draw_noise, backend)
-    check_guided_update_args(x, model_out, guidance, noise, coefs, rng, *opts, contiguous=False)
+    check_guided_update_args(x, model_out, guidance, noise, coefs, rng, *opts,
+                             use_clipped_model_output=use_clipped_model_output)  # fmt: skip
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    x, model_out, guidance, noise, coefs, _rng, prediction_type, clip_sample, _draw, _be = inputs
+    x, model_out, guidance, noise, coefs, _rng, prediction_type, clip_sample = inputs[:8]
     ctx.save_for_backward(x, model_out, guidance, coefs)
     ctx.prediction_type = prediction_type
     ctx.clip_sample = clip_sample
+    ctx.use_clipped_model_output = bool(inputs[10]) if len(inputs) > 10 else False
     ctx.has_guidance = guidance is not None
     ctx.has_noise = noise is not None
 
@@ -283,12 +303,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     x, model_out, guidance, coefs = ctx.saved_tensors
     gx, go, gg, gz = _torch.guided_update_backward(
-        grad_out, x, model_out, guidance, coefs, ctx.prediction_type, ctx.clip_sample
-    )
+        grad_out, x, model_out, guidance, coefs, ctx.prediction_type, ctx.clip_sample,
+        ctx.use_clipped_model_output,
+    )  # fmt: skip
     gg = gg if ctx.has_guidance else None
     gz = gz if ctx.has_noise else None
     # No gradient for coefs, rng and the non-tensor options.
-    return gx, go, gg, gz, None, None, None, None, None, None
+    return gx, go, gg, gz, None, None, None, None, None, None, None
 
 
 # Every backend computes the same function, so one backward (torch math) serves them all.
@@ -307,15 +328,17 @@ def guided_update(
     clip_sample: bool,
     draw_noise: bool,
     backend: str = "auto",
+    use_clipped_model_output: bool = False,
 ) -> torch.Tensor:
-    """Fused CPSample update ``x_t → x_{t'}`` (SPEC §3 steps 5–7; docs/CONTRACTS.md).
+    """Fused CPSample update ``x_t → x_{t'}`` (docs/ALGORITHM.md §3; docs/CONTRACTS.md).
 
-    Computes ``ε̂ = ε + G``, ``x̂0 = x0 - (s1/sa)·G`` (clipped to ±clip_range when
-    ``clip_sample``) and ``x_{t'} = sp·x̂0 + d·ε̂ + σ·z`` per element in float32, where
-    ``(x0, ε)`` come from ``model_out`` by ``prediction_type``.
+    Computes ``x̂0 = x0 - (s1/sa)·G`` (clipped to ±clip_range when ``clip_sample``), the
+    clip-consistent ``ε̂`` (``ε - (sa/s1)·(x̂0 - clip(x0))`` with clipping and guidance, ``ε + G``
+    without clipping, ``ε`` without guidance) and ``x_{t'} = sp·x̂0 + d·ε̂ + σ·z`` per element in
+    float32, where ``(x0, ε)`` come from ``model_out`` by ``prediction_type``.
 
     Args:
-        x: ``[B, ...]`` float32 contiguous.
+        x: ``[B, ...]`` float32, any strides (row-major needs no copy).
         model_out: like ``x``: the eps-model output (ε, v or x0 per ``prediction_type``).
         guidance: like ``x``: the guidance term ``G = s·√(1-ᾱ_t)·m·g``, or None for 0.
         noise: like ``x``: explicit ``z``; takes precedence over ``draw_noise``.
@@ -326,6 +349,8 @@ def guided_update(
         draw_noise: without ``noise``, draw ``z`` from Philox (counter ``(j, sample_offset + b,
             k, 0)``, ``noise.step_noise``); else ``z = 0``.
         backend: "auto", "torch", "triton", "cpp" or "cuda".
+        use_clipped_model_output: ``ε̂ = (x - sa·x̂0)/s1`` for every sample, as diffusers'
+            ``DDIMScheduler.step(..., use_clipped_model_output=True)``.
 
     Returns:
         float32 ``[B, ...]``: ``x_{t'}``.
@@ -338,8 +363,10 @@ def guided_update(
             )
         prediction_type = PREDICTION_TYPES[prediction_type]
     check_guided_update_args(
-        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend
-    )
+        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend,
+        use_clipped_model_output=use_clipped_model_output,
+    )  # fmt: skip
     return torch.ops.cpsample.guided_update(
-        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend
-    )
+        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend,
+        use_clipped_model_output,
+    )  # fmt: skip

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..guidance import gate as _gate
 from ..io import atomic_path, write_json_atomic
 
 REPORT_GATE_ALPHA = 0.001  # the paper's α (Fig. 1); the gate fraction reported per bin
@@ -93,7 +94,7 @@ def evaluate_protector(
             y = labels[s : s + batch_size].cpu()
             hits += float(((f > 0).long() == y).sum())
             q_sum += float(torch.sigmoid(f.abs()).sum())
-            open_sum += float((torch.sigmoid(-f.abs()) < alpha).sum())
+            open_sum += float(_gate(f, alpha).sum())
         acc.append(hits / n)
         conf.append(q_sum / n)
         gate.append(open_sum / n)

@@ -102,9 +102,16 @@ struct StepCoefs {
   float clip;   // clip_sample_range
 };
 
-// docs/CONTRACTS.md "The fused update" for one element. `g` is the guidance term (0 when absent),
-// `z` the noise (0 when absent). P and CLIP are compile-time so the CPU loop vectorises.
-template <int P, bool CLIP>
+// clamp(v, -c, c) keeping NaN, as torch.clamp (fminf/fmaxf would turn NaN into the bound).
+CPSAMPLE_HD float clamp_keep_nan(float v, float c) {
+  v = v < -c ? -c : v;
+  return v > c ? c : v;
+}
+
+// docs/CONTRACTS.md "The fused update" for one element: the clip-consistent rule. `g` is the
+// guidance term (read only when HAS_G), `z` the noise (0 when absent). P, CLIP, HAS_G and
+// CLIPPED_EPS (diffusers' use_clipped_model_output) are compile-time so the CPU loop vectorises.
+template <int P, bool CLIP, bool HAS_G, bool CLIPPED_EPS>
 CPSAMPLE_HD float guided_update_element(float x, float o, float g, float z, const StepCoefs& c) {
   float x0;
   float eps;
@@ -118,12 +125,20 @@ CPSAMPLE_HD float guided_update_element(float x, float o, float g, float z, cons
     x0 = c.sa * x - c.s1 * o;
     eps = c.sa * o + c.s1 * x;
   }
-  const float eps_hat = eps + g;
-  float x0_hat = x0 - (c.s1 / c.sa) * g;
-  if (CLIP) {
-    // fminf/fmaxf would turn NaN into the bound; this keeps NaN as torch.clamp does.
-    x0_hat = x0_hat < -c.clip ? -c.clip : x0_hat;
-    x0_hat = x0_hat > c.clip ? c.clip : x0_hat;
+  float x0_hat = x0;
+  if (HAS_G) x0_hat = x0 - (c.s1 / c.sa) * g;
+  if (CLIP) x0_hat = clamp_keep_nan(x0_hat, c.clip);
+  float eps_hat;
+  if (CLIPPED_EPS) {
+    eps_hat = (x - c.sa * x0_hat) / c.s1;
+  } else if (HAS_G && CLIP) {
+    // the guidance's shift of x̂0 that survived the clip, carried into ε̂
+    const float delta = x0_hat - clamp_keep_nan(x0, c.clip);
+    eps_hat = eps - (c.sa / c.s1) * delta;
+  } else if (HAS_G) {
+    eps_hat = eps + g;
+  } else {
+    eps_hat = eps;
   }
   return c.sp * x0_hat + c.d * eps_hat + c.sigma * z;
 }

@@ -25,7 +25,7 @@ constexpr int64_t kMinParallelElements = int64_t{1} << 15;
 enum NoiseMode : int { kNoNoise = 0, kExplicitNoise = 1, kDrawnNoise = 2 };
 
 // One chunk [j0, j1) of sample b. Templated so that the inner loop has no branches left.
-template <int P, bool CLIP, bool HAS_G, int NOISE>
+template <int P, bool CLIP, bool HAS_G, bool CLIPPED_EPS, int NOISE>
 void update_chunk(const GuidedUpdateArgs& a, const StepCoefs& c, uint64_t seed, uint32_t step,
                   uint32_t sample, int64_t b, int64_t j0, int64_t j1) {
   const int64_t base = b * a.numel_per_sample;
@@ -61,41 +61,49 @@ void update_chunk(const GuidedUpdateArgs& a, const StepCoefs& c, uint64_t seed, 
   for (int64_t j = j0; j < j1; ++j) {
     const float gj = HAS_G ? g[j] : 0.0f;
     const float zj = NOISE == kNoNoise ? 0.0f : z[j - z_first];
-    out[j] = guided_update_element<P, CLIP>(x[j], o[j], gj, zj, c);
+    out[j] = guided_update_element<P, CLIP, HAS_G, CLIPPED_EPS>(x[j], o[j], gj, zj, c);
   }
 }
 
 using ChunkFn = void (*)(const GuidedUpdateArgs&, const StepCoefs&, uint64_t, uint32_t, uint32_t,
                          int64_t, int64_t, int64_t);
 
-template <int P, bool CLIP, bool HAS_G>
+template <int P, bool CLIP, bool HAS_G, bool CLIPPED_EPS>
 ChunkFn select_noise(int noise) {
   switch (noise) {
     case kExplicitNoise:
-      return &update_chunk<P, CLIP, HAS_G, kExplicitNoise>;
+      return &update_chunk<P, CLIP, HAS_G, CLIPPED_EPS, kExplicitNoise>;
     case kDrawnNoise:
-      return &update_chunk<P, CLIP, HAS_G, kDrawnNoise>;
+      return &update_chunk<P, CLIP, HAS_G, CLIPPED_EPS, kDrawnNoise>;
     default:
-      return &update_chunk<P, CLIP, HAS_G, kNoNoise>;
+      return &update_chunk<P, CLIP, HAS_G, CLIPPED_EPS, kNoNoise>;
   }
+}
+
+template <int P, bool CLIP, bool HAS_G>
+ChunkFn select_clipped_eps(bool clipped_eps, int noise) {
+  return clipped_eps ? select_noise<P, CLIP, HAS_G, true>(noise)
+                     : select_noise<P, CLIP, HAS_G, false>(noise);
 }
 
 template <int P>
-ChunkFn select_flags(bool clip, bool has_g, int noise) {
+ChunkFn select_flags(bool clip, bool has_g, bool clipped_eps, int noise) {
   if (clip) {
-    return has_g ? select_noise<P, true, true>(noise) : select_noise<P, true, false>(noise);
+    return has_g ? select_clipped_eps<P, true, true>(clipped_eps, noise)
+                 : select_clipped_eps<P, true, false>(clipped_eps, noise);
   }
-  return has_g ? select_noise<P, false, true>(noise) : select_noise<P, false, false>(noise);
+  return has_g ? select_clipped_eps<P, false, true>(clipped_eps, noise)
+               : select_clipped_eps<P, false, false>(clipped_eps, noise);
 }
 
-ChunkFn select_chunk_fn(int prediction_type, bool clip, bool has_g, int noise) {
+ChunkFn select_chunk_fn(int prediction_type, bool clip, bool has_g, bool clipped_eps, int noise) {
   switch (prediction_type) {
     case kVPrediction:
-      return select_flags<kVPrediction>(clip, has_g, noise);
+      return select_flags<kVPrediction>(clip, has_g, clipped_eps, noise);
     case kSample:
-      return select_flags<kSample>(clip, has_g, noise);
+      return select_flags<kSample>(clip, has_g, clipped_eps, noise);
     default:
-      return select_flags<kEpsilon>(clip, has_g, noise);
+      return select_flags<kEpsilon>(clip, has_g, clipped_eps, noise);
   }
 }
 
@@ -119,7 +127,8 @@ void guided_update(const GuidedUpdateArgs& a) {
   const uint32_t step = static_cast<uint32_t>(a.rng[1]);
   const int64_t sample_offset = a.rng[2];
   const int noise = a.noise != nullptr ? kExplicitNoise : (a.draw_noise ? kDrawnNoise : kNoNoise);
-  const ChunkFn fn = select_chunk_fn(a.prediction_type, a.clip_sample, a.guidance != nullptr, noise);
+  const ChunkFn fn = select_chunk_fn(a.prediction_type, a.clip_sample, a.guidance != nullptr,
+                                     a.use_clipped_model_output, noise);
 
   const int64_t chunks_per_sample = (n + kChunk - 1) / kChunk;
   const int64_t total_chunks = a.batch * chunks_per_sample;

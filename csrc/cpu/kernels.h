@@ -20,6 +20,7 @@ struct GuidedUpdateArgs {
   int prediction_type;  // 0 epsilon, 1 v_prediction, 2 sample
   bool clip_sample;
   bool draw_noise;  // draw z in-kernel (Philox, stream 0) when `noise` is nullptr
+  bool use_clipped_model_output;  // eps_hat = (x - sa*x0_hat)/s1 (diffusers' option)
   int num_threads;  // OpenMP threads to use (<= 0: the OpenMP default)
 };
 

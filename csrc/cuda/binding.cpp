@@ -16,7 +16,7 @@ void guided_update(const at::Tensor& x, const at::Tensor& model_out,
                    const std::optional<at::Tensor>& guidance,
                    const std::optional<at::Tensor>& noise, const at::Tensor& coefs,
                    const at::Tensor& rng, const at::Tensor& out, int prediction_type,
-                   bool clip_sample, bool draw_noise) {
+                   bool clip_sample, bool draw_noise, bool use_clipped_model_output) {
   const c10::cuda::CUDAGuard device_guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   const int64_t batch = x.size(0);
@@ -26,7 +26,7 @@ void guided_update(const at::Tensor& x, const at::Tensor& model_out,
       guidance.has_value() ? guidance->data_ptr<float>() : nullptr,
       noise.has_value() ? noise->data_ptr<float>() : nullptr, coefs.data_ptr<float>(),
       rng.data_ptr<int64_t>(), out.data_ptr<float>(), batch, n, prediction_type,
-      clip_sample ? 1 : 0, draw_noise ? 1 : 0, stream);
+      clip_sample ? 1 : 0, draw_noise ? 1 : 0, use_clipped_model_output ? 1 : 0, stream);
   TORCH_CHECK(err == 0, "cpsample_fast._C.guided_update: CUDA launch failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 }

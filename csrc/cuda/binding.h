@@ -14,7 +14,7 @@ void guided_update(const at::Tensor& x, const at::Tensor& model_out,
                    const std::optional<at::Tensor>& guidance,
                    const std::optional<at::Tensor>& noise, const at::Tensor& coefs,
                    const at::Tensor& rng, const at::Tensor& out, int prediction_type,
-                   bool clip_sample, bool draw_noise);
+                   bool clip_sample, bool draw_noise, bool use_clipped_model_output);
 
 // CUDA runtime version the extension was compiled against (e.g. 13000).
 int runtime_version();

@@ -17,7 +17,7 @@ constexpr int64_t kMaxBlocksY = 65535;
 
 enum NoiseMode : int { kNoNoise = 0, kExplicitNoise = 1, kDrawnNoise = 2 };
 
-template <int P, bool CLIP, bool HAS_G, int NOISE>
+template <int P, bool CLIP, bool HAS_G, bool CLIPPED_EPS, int NOISE>
 __global__ void __launch_bounds__(kThreads)
     _guided_update_kernel(const float* __restrict__ x, const float* __restrict__ model_out,
                           const float* __restrict__ guidance, const float* __restrict__ noise,
@@ -42,7 +42,8 @@ __global__ void __launch_bounds__(kThreads)
         z = cpsample::philox_normal(seed, sample, step, cpsample::kStreamStep,
                                     static_cast<uint32_t>(j));
       }
-      out[i] = cpsample::guided_update_element<P, CLIP>(x[i], model_out[i], g, z, c);
+      out[i] = cpsample::guided_update_element<P, CLIP, HAS_G, CLIPPED_EPS>(x[i], model_out[i], g,
+                                                                            z, c);
     }
   }
 }
@@ -61,31 +62,40 @@ struct LaunchArgs {
   cudaStream_t stream;
 };
 
-template <int P, bool CLIP, bool HAS_G, int NOISE>
+template <int P, bool CLIP, bool HAS_G, bool CLIPPED_EPS, int NOISE>
 cudaError_t launch(const LaunchArgs& a) {
-  _guided_update_kernel<P, CLIP, HAS_G, NOISE><<<a.grid, kThreads, 0, a.stream>>>(
+  _guided_update_kernel<P, CLIP, HAS_G, CLIPPED_EPS, NOISE><<<a.grid, kThreads, 0, a.stream>>>(
       a.x, a.model_out, a.guidance, a.noise, a.coefs, a.rng, a.out, a.batch, a.n);
   return cudaGetLastError();
 }
 
-template <int P, bool CLIP, bool HAS_G>
+template <int P, bool CLIP, bool HAS_G, bool CLIPPED_EPS>
 cudaError_t launch_noise(const LaunchArgs& a, int noise) {
   switch (noise) {
     case kExplicitNoise:
-      return launch<P, CLIP, HAS_G, kExplicitNoise>(a);
+      return launch<P, CLIP, HAS_G, CLIPPED_EPS, kExplicitNoise>(a);
     case kDrawnNoise:
-      return launch<P, CLIP, HAS_G, kDrawnNoise>(a);
+      return launch<P, CLIP, HAS_G, CLIPPED_EPS, kDrawnNoise>(a);
     default:
-      return launch<P, CLIP, HAS_G, kNoNoise>(a);
+      return launch<P, CLIP, HAS_G, CLIPPED_EPS, kNoNoise>(a);
   }
 }
 
+template <int P, bool CLIP, bool HAS_G>
+cudaError_t launch_clipped_eps(const LaunchArgs& a, bool clipped_eps, int noise) {
+  return clipped_eps ? launch_noise<P, CLIP, HAS_G, true>(a, noise)
+                     : launch_noise<P, CLIP, HAS_G, false>(a, noise);
+}
+
 template <int P>
-cudaError_t launch_flags(const LaunchArgs& a, bool clip, bool has_g, int noise) {
+cudaError_t launch_flags(const LaunchArgs& a, bool clip, bool has_g, bool clipped_eps,
+                         int noise) {
   if (clip) {
-    return has_g ? launch_noise<P, true, true>(a, noise) : launch_noise<P, true, false>(a, noise);
+    return has_g ? launch_clipped_eps<P, true, true>(a, clipped_eps, noise)
+                 : launch_clipped_eps<P, true, false>(a, clipped_eps, noise);
   }
-  return has_g ? launch_noise<P, false, true>(a, noise) : launch_noise<P, false, false>(a, noise);
+  return has_g ? launch_clipped_eps<P, false, true>(a, clipped_eps, noise)
+               : launch_clipped_eps<P, false, false>(a, clipped_eps, noise);
 }
 
 }  // namespace
@@ -95,7 +105,7 @@ extern "C" int cpsample_guided_update_cuda(const float* x, const float* model_ou
                                            const float* coefs, const int64_t* rng, float* out,
                                            int64_t batch, int64_t numel_per_sample,
                                            int prediction_type, int clip_sample, int draw_noise,
-                                           cudaStream_t stream) {
+                                           int use_clipped_model_output, cudaStream_t stream) {
   if (batch <= 0 || numel_per_sample <= 0) return static_cast<int>(cudaSuccess);
   if (prediction_type < 0 || prediction_type > 2) return static_cast<int>(cudaErrorInvalidValue);
   int64_t blocks_x = (numel_per_sample + kThreads - 1) / kThreads;
@@ -109,16 +119,17 @@ extern "C" int cpsample_guided_update_cuda(const float* x, const float* model_ou
   const int mode = noise != nullptr ? kExplicitNoise : (draw_noise ? kDrawnNoise : kNoNoise);
   const bool clip = clip_sample != 0;
   const bool has_g = guidance != nullptr;
+  const bool clipped_eps = use_clipped_model_output != 0;
   cudaError_t err;
   switch (prediction_type) {
     case cpsample::kVPrediction:
-      err = launch_flags<cpsample::kVPrediction>(a, clip, has_g, mode);
+      err = launch_flags<cpsample::kVPrediction>(a, clip, has_g, clipped_eps, mode);
       break;
     case cpsample::kSample:
-      err = launch_flags<cpsample::kSample>(a, clip, has_g, mode);
+      err = launch_flags<cpsample::kSample>(a, clip, has_g, clipped_eps, mode);
       break;
     default:
-      err = launch_flags<cpsample::kEpsilon>(a, clip, has_g, mode);
+      err = launch_flags<cpsample::kEpsilon>(a, clip, has_g, clipped_eps, mode);
       break;
   }
   return static_cast<int>(err);
