@@ -70,9 +70,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="tune_demo_out")
     p.add_argument("--budget", type=int, default=2200)
-    p.add_argument("--modes", nargs="+", default=["entropy", "repel"])
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.3, 0.4])
-    p.add_argument("--scales", type=float, nargs="+", default=[100.0, 200.0, 300.0, 450.0])
+    # The grid of the shipped settings (the clip-consistent step needs α ≥ 0.4 to open this
+    # protector's gate on enough steps, and s in the thousands).
+    p.add_argument("--modes", nargs="+", default=["repel", "entropy"])
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.45, 0.47, 0.5])
+    p.add_argument("--scales", type=float, nargs="+", default=[2000.0, 4000.0, 8000.0])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--pool-seeds", type=int, nargs="*", default=[0, 1, 2, 3])
     p.add_argument("--pool-n", type=int, default=128)

@@ -308,7 +308,14 @@ def guidance_seed(
     logits = logits.contiguous()  # a no-op for the usual [B] logits; a column view is copied
     with _on_device(logits):
         _guidance_seed_kernel[(triton.cdiv(batch, block),)](
-            logits, scale_t, c, q, m, batch, _guidance.gate_threshold_f32(alpha), MODE=mode,
+            logits,
+            scale_t,
+            c,
+            q,
+            m,
+            batch,
+            _guidance.gate_threshold_f32(alpha),
+            MODE=mode,
             BLOCK=block,
         )
     return c, q, m
