@@ -177,27 +177,20 @@ def reference_sample(
                     mask = m.to(dtype).view(B, 1, 1, 1)
                     guidance = scale * b_t ** (0.5) * mask * g.to(dtype)
 
-        # 6. x̂0 and ε̂ under the clip-consistent rule (docs/CONTRACTS.md "The fused update"):
-        # the guidance moves x̂0 by -(√(1-ᾱ_t)/√ᾱ_t)·G; clipping may cut that move, and ε̂ takes
-        # exactly the move that survived, Δ = clip(x̂0 guided) - clip(x̂0 unguided), so the step
-        # goes along the clipped shift and never towards confidence. G = 0 is diffusers' step.
-        x0_guided = x0
-        if guidance is not None:
-            x0_guided = x0 - (b_t ** (0.5) / a_t ** (0.5)) * guidance
+        # 6. clip the model's own x̂0 as diffusers does, then guide (docs/ALGORITHM.md §3
+        # step 6): the guidance moves the pair consistently, x̂0 by -(√(1-ᾱ_t)/√ᾱ_t)·G and ε by
+        # +G, whatever the clip did, so it acts with or without clipping alike. G = 0 is
+        # diffusers' step.
+        x0_hat = x0
         if schedule.clip_sample:
             r_clip = schedule.clip_sample_range
-            x0_hat = x0_guided.clamp(-r_clip, r_clip)
-        else:
-            x0_hat = x0_guided
+            x0_hat = x0_hat.clamp(-r_clip, r_clip)
+        eps_hat = eps
+        if guidance is not None:
+            x0_hat = x0_hat - (b_t ** (0.5) / a_t ** (0.5)) * guidance
+            eps_hat = eps + guidance
         if use_clipped_model_output:
             eps_hat = (x - a_t ** (0.5) * x0_hat) / b_t ** (0.5)
-        elif guidance is None:
-            eps_hat = eps
-        elif schedule.clip_sample:
-            delta = x0_hat - x0.clamp(-r_clip, r_clip)
-            eps_hat = eps - (a_t ** (0.5) / b_t ** (0.5)) * delta
-        else:
-            eps_hat = eps + guidance
 
         # 7. DDIM update (DDIMScheduler._get_variance and step)
         variance = (b_prev / b_t) * (1 - a_t / a_prev)

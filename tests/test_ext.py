@@ -79,15 +79,13 @@ def formula(x, o, g, z, coefs, prediction_type: int, clip: bool, dtype):
         x0, eps = o, (x - sa * o) / s1
     else:
         x0, eps = sa * x - s1 * o, sa * o + s1 * x
-    if g is not None:
+    if clip:
+        x0 = x0.clamp(-c, c)
+    if g is not None:  # guidance after the clip
         eps_hat = eps + g.to(dtype)
         x0_hat = x0 - (s1 / sa) * g.to(dtype)
     else:
         eps_hat, x0_hat = eps, x0
-    if clip:
-        x0_hat = x0_hat.clamp(-c, c)
-        if g is not None:  # clip-consistent: only the guidance's shift that survived the clip
-            eps_hat = eps - (sa / s1) * (x0_hat - x0.clamp(-c, c))
     out = sp * x0_hat + d * eps_hat
     if z is not None:
         out = out + sigma * z.to(dtype)

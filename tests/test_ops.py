@@ -46,14 +46,12 @@ def reference_update_f64(x, o, g, z, coefs, prediction_type, clip_sample):
         eps = sa * o + s1 * x
     else:
         eps = (x - sa * o) / s1
-    eps_g = eps if g is None else eps + g.double()
-    x0_hat = (x - s1 * eps_g) / sa  # docs/ALGORITHM.md §3 step 6
-    eps_hat = eps_g
+    x0 = (x - s1 * eps) / sa  # the model's own x̂0 (docs/ALGORITHM.md §1)
     if clip_sample:
-        x0_hat = x0_hat.clamp(-c, c)
-        if g is not None:  # clip-consistent: ε̂ carries only the shift of x̂0 the clip kept
-            x0_plain = ((x - s1 * eps) / sa).clamp(-c, c)
-            eps_hat = eps - (sa / s1) * (x0_hat - x0_plain)
+        x0 = x0.clamp(-c, c)  # diffusers' clip of the model's prediction
+    # guidance after the clip (docs/ALGORITHM.md §3 step 6): ε̂ = ε + G and x̂0 moves with it
+    eps_hat = eps if g is None else eps + g.double()
+    x0_hat = x0 if g is None else x0 - (s1 / sa) * g.double()
     out = sp * x0_hat + d * eps_hat
     if z is not None:
         out = out + sigma * z.double()

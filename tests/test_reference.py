@@ -64,12 +64,11 @@ def hand_loop(schedule, x_T, z, n, eta, scale, alpha, mode, w, bias):
             m = np.minimum(r, 1 - r) < alpha
             coef = scale * math.sqrt(1 - a) * m * weight * np.sign(f)  # [B]
             eps = eps + coef.reshape(B, 1, 1, 1) * w
-        x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
-        if schedule.clip_sample:  # clip-consistent rule: ε̂ keeps the clipped shift of x̂0 only
-            c = schedule.clip_sample_range
-            x0_model = (x - math.sqrt(1 - a) * eps_model) / math.sqrt(a)
-            x0 = np.clip(x0, -c, c)
-            eps = eps_model - math.sqrt(a / (1 - a)) * (x0 - np.clip(x0_model, -c, c))
+        # the model's x̂0, clipped as diffusers does; then the guidance moves x̂0 with ε̂
+        x0 = (x - math.sqrt(1 - a) * eps_model) / math.sqrt(a)
+        if schedule.clip_sample:
+            x0 = np.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
+        x0 = x0 - math.sqrt((1 - a) / a) * (eps - eps_model)
         var = (1 - ap) / (1 - a) * (1 - a / ap)
         sigma = eta * math.sqrt(var)
         x = math.sqrt(ap) * x0 + math.sqrt(1 - ap - sigma**2) * eps

@@ -45,6 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the whole step")
     p.add_argument("--bf16", action="store_true", help="run both models in bfloat16")
     p.add_argument("--channels-last", action="store_true", help="models in channels_last")
+    p.add_argument(
+        "--use-clipped-model-output",
+        action="store_true",
+        help="derive the direction term's eps from the clipped x0 on every step, as diffusers' "
+        "DDIMScheduler.step(use_clipped_model_output=True)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--no-resume", action="store_true", help="redo batches already on disk")
     p.add_argument("--no-progress", action="store_true")
@@ -130,6 +136,7 @@ def main(args) -> int:
         mode=args.mode,
         backend=args.backend,
         compile=args.compile,
+        use_clipped_model_output=args.use_clipped_model_output,
     )
     shape_chw = _sample_shape(eps_model, protector)
     check_manifest(out, _manifest(args, shape_chw), info, resume=not args.no_resume)
@@ -202,6 +209,7 @@ def main(args) -> int:
             "backend": args.backend,
             "compile": args.compile,
             "bf16": args.bf16,
+            "use_clipped_model_output": args.use_clipped_model_output,
             "world_size": info.world_size,
             "device": str(device),
             "rank0_seconds": elapsed,
@@ -251,6 +259,8 @@ def _manifest(args, shape_chw) -> dict:
     if getattr(args, "guidance_range", None) is not None:
         manifest["guidance_range"] = list(args.guidance_range)
     manifest["shape"] = list(shape_chw)
+    if args.use_clipped_model_output:  # only when set: earlier runs' manifests stay valid
+        manifest["use_clipped_model_output"] = True
     for k in ("model", "protector"):
         value = getattr(args, k)
         if value and Path(value).exists():

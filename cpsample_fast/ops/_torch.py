@@ -42,10 +42,10 @@ def guided_update(
 ) -> torch.Tensor:
     """One fused CPSample/DDIM update ``x_t → x_{t'}`` (docs/CONTRACTS.md "The fused update").
 
-    The clip-consistent rule: ``x0g = x0 - (s1/sa)·G``, ``x̂0 = clip(x0g)`` and, with clipping and
-    guidance, ``ε̂ = ε - (sa/s1)·(x̂0 - clip(x0))`` (the guidance's shift of x̂0 that survived the
-    clip); without clipping ``ε̂ = ε + G``; without guidance ``ε̂ = ε`` (diffusers' step). With
-    ``use_clipped_model_output``, ``ε̂ = (x - sa·x̂0)/s1`` for every sample, as diffusers.
+    Guidance after the clip (docs/ALGORITHM.md §3 step 6): ``x̂0 = clip(x0) - (s1/sa)·G`` and
+    ``ε̂ = ε + G``; the clip acts on the model's own x̂0 exactly as in diffusers' step, and the
+    guidance moves the (x̂0, ε) pair consistently whatever the clip did. Without guidance this is
+    diffusers' step bit for bit. With ``use_clipped_model_output``, ``ε̂ = (x - sa·x̂0)/s1``.
     Inputs are assumed validated (see ``ops.guided_update.check_guided_update_args``).
 
     Returns:
@@ -53,22 +53,15 @@ def guided_update(
     """
     sa, s1, sp, d, sigma, clip_range = coefs.unbind(0)
     x0, eps = _x0_eps(x, model_out, sa, s1, prediction_type)
-    x0_hat = x0
-    if guidance is not None:
-        # == (x - s1·(ε + G))/sa, without cancelling two large terms when G dominates.
-        x0_hat = x0 - (s1 / sa) * guidance
     if clip_sample:
-        x0_hat = torch.clamp(x0_hat, -clip_range, clip_range)
+        x0 = torch.clamp(x0, -clip_range, clip_range)
+    if guidance is not None:
+        # == (x - s1·(ε + G))/sa for an unclipped x̂0, without cancelling two large terms.
+        x0 = x0 - (s1 / sa) * guidance
+        eps = eps + guidance
     if use_clipped_model_output:
-        eps_hat = (x - sa * x0_hat) / s1
-    elif guidance is None:
-        eps_hat = eps
-    elif clip_sample:
-        delta = x0_hat - torch.clamp(x0, -clip_range, clip_range)
-        eps_hat = eps - (sa / s1) * delta
-    else:
-        eps_hat = eps + guidance
-    out = sp * x0_hat + d * eps_hat
+        eps = (x - sa * x0) / s1
+    out = sp * x0 + d * eps
     if noise is None and draw_noise:
         seed, step, sample_offset = rng.unbind(0)
         noise = _noise.step_noise(seed, step, x.shape, sample_offset)
@@ -89,13 +82,12 @@ def guided_update_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``guided_update`` w.r.t. ``x``, ``model_out``, ``guidance`` and ``noise``.
 
-    With ``A = clip(x0g)``, ``B = clip(x0)`` (clamp gradients pass where ``-c <= · <= c``, as
-    ``torch.clamp``) and ``gy = dL/dx_{t'}``: ``dL/dε̂ = d·gy`` and ``dL/dA = sp·gy`` plus, by
-    case, ``-(sa/s1)·dL/dε̂`` (clipped model output: ``ε̂ = (x - sa·A)/s1``, which also gives
-    ``x`` a direct ``dL/dε̂/s1`` and the model's ε nothing) or ``-(sa/s1)·dL/dε̂`` with
-    ``dL/dB = (sa/s1)·dL/dε̂`` (the clip-consistent ``ε̂ = ε - (sa/s1)(A - B)``); then
-    ``dL/dG = -(s1/sa)·dL/dx0g`` (+ ``dL/dε̂`` when ``ε̂ = ε + G``) and the chain rule through
-    ``(x0, ε)`` of the prediction type. Coefficients and the RNG state get no gradient.
+    With ``gy = dL/dx_{t'}``: ``x̂0 = clip(x0) - (s1/sa)·G`` gets ``dL/dx̂0 = sp·gy`` and
+    ``ε̂`` gets ``d·gy``; with ``use_clipped_model_output`` (``ε̂ = (x - sa·x̂0)/s1``) ``x̂0`` gets
+    ``(sp - d·sa/s1)·gy``, ``x`` a direct ``(d/s1)·gy`` and the model's ε nothing. The clamp's
+    gradient passes where ``-c <= x0 <= c`` (as ``torch.clamp``), ``dL/dG = -(s1/sa)·dL/dx̂0``
+    (+ ``dL/dε̂`` when ``ε̂ = ε + G``), then the chain rule through ``(x0, ε)`` of the prediction
+    type. Coefficients and the RNG state get no gradient.
 
     Returns:
         ``(grad_x, grad_model_out, grad_guidance, grad_noise)``, each like ``x``.
@@ -103,28 +95,23 @@ def guided_update_backward(
     sa, s1, sp, d, sigma, clip_range = coefs.unbind(0)
     if prediction_type not in (PREDICTION_EPSILON, PREDICTION_V, PREDICTION_SAMPLE):
         raise ValueError(f"prediction_type must be 0, 1 or 2, got {prediction_type}")
-    x0, _ = _x0_eps(x, model_out, sa, s1, prediction_type)
-    x0g = x0 if guidance is None else x0 - (s1 / sa) * guidance
-    g_eps_hat = grad_out * d  # dL/dε̂
-    g_a = grad_out * sp  # dL/dA, A = clip(x0g)
-    g_b = None  # dL/dB, B = clip(x0)
     grad_x_direct = None
-    g_eps = g_eps_hat  # dL/dε of the model's own ε
-    if use_clipped_model_output:  # ε̂ = (x - sa·A)/s1
-        g_a = g_a - (sa / s1) * g_eps_hat
-        grad_x_direct = g_eps_hat / s1
-        g_eps = torch.zeros_like(g_eps_hat)
-    elif guidance is not None and clip_sample:  # ε̂ = ε - (sa/s1)·(A - B)
-        g_a = g_a - (sa / s1) * g_eps_hat
-        g_b = (sa / s1) * g_eps_hat
+    if use_clipped_model_output:  # out = (sp - d·sa/s1)·x̂0 + (d/s1)·x
+        g_x0_hat = grad_out * (sp - d * sa / s1)
+        grad_x_direct = grad_out * (d / s1)
+        g_eps = torch.zeros_like(grad_out)
+    else:
+        g_x0_hat = grad_out * sp
+        g_eps = grad_out * d  # dL/dε̂ = dL/dε (ε̂ = ε + G)
+    grad_g = -(s1 / sa) * g_x0_hat
+    if not use_clipped_model_output:
+        grad_g = grad_g + g_eps
+    g_x0 = g_x0_hat  # dL/dx0 of the model's own x0
     if clip_sample:
-        g_a = g_a * ((x0g >= -clip_range) & (x0g <= clip_range))
-        if g_b is not None:
-            g_b = g_b * ((x0 >= -clip_range) & (x0 <= clip_range))
-    g_x0 = g_a if g_b is None else g_a + g_b  # dL/dx0 of the model's own x0
-    grad_g = -(s1 / sa) * g_a
-    if guidance is not None and not clip_sample and not use_clipped_model_output:
-        grad_g = grad_g + g_eps_hat  # ε̂ = ε + G
+        # Recompute the model's x̂0 (noise and G do not enter it) only to know where the clamp
+        # was active.
+        x0, _ = _x0_eps(x, model_out, sa, s1, prediction_type)
+        g_x0 = g_x0 * ((x0 >= -clip_range) & (x0 <= clip_range))
     if prediction_type == PREDICTION_EPSILON:  # x0 = (x - s1·o)/sa, ε = o
         grad_x = g_x0 / sa
         grad_o = g_eps - (s1 / sa) * g_x0

@@ -137,24 +137,17 @@ if triton is not None:
         else:
             x0 = o
             eps = tl.math.div_rn(x - sa * o, s1)
-        x0_hat = x0
+        # guidance after the clip (docs/CONTRACTS.md "The fused update")
+        if CLIP_SAMPLE:
+            c = tl.load(coefs_ptr + 5)
+            x0 = _clamp_keep_nan(x0, c)
         if HAS_GUIDANCE:
             g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-            x0_hat = x0 - tl.math.div_rn(s1, sa) * g
-        c = tl.load(coefs_ptr + 5)
-        if CLIP_SAMPLE:
-            x0_hat = _clamp_keep_nan(x0_hat, c)
+            x0 = x0 - tl.math.div_rn(s1, sa) * g
+            eps = eps + g
         if CLIPPED_EPS:
-            eps_hat = tl.math.div_rn(x - sa * x0_hat, s1)
-        elif HAS_GUIDANCE:
-            if CLIP_SAMPLE:
-                delta = x0_hat - _clamp_keep_nan(x0, c)
-                eps_hat = eps - tl.math.div_rn(sa, s1) * delta
-            else:
-                eps_hat = eps + g
-        else:
-            eps_hat = eps
-        out = sp * x0_hat + d * eps_hat
+            eps = tl.math.div_rn(x - sa * x0, s1)
+        out = sp * x0 + d * eps
         if NOISE_MODE == 1:
             z = tl.load(z_ptr + offs, mask=mask, other=0.0)
             out = out + sigma * z
@@ -306,16 +299,9 @@ def guidance_seed(
         return c, q, m
     block = min(max(triton.next_power_of_2(batch), 16), 1024)
     logits = logits.contiguous()  # a no-op for the usual [B] logits; a column view is copied
+    tau = _guidance.gate_threshold_f32(alpha)  # exact gate threshold on |f| (host, float64)
     with _on_device(logits):
         _guidance_seed_kernel[(triton.cdiv(batch, block),)](
-            logits,
-            scale_t,
-            c,
-            q,
-            m,
-            batch,
-            _guidance.gate_threshold_f32(alpha),
-            MODE=mode,
-            BLOCK=block,
+            logits, scale_t, c, q, m, batch, tau, MODE=mode, BLOCK=block
         )
     return c, q, m

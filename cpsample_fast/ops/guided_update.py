@@ -332,10 +332,10 @@ def guided_update(
 ) -> torch.Tensor:
     """Fused CPSample update ``x_t → x_{t'}`` (docs/ALGORITHM.md §3; docs/CONTRACTS.md).
 
-    Computes ``x̂0 = x0 - (s1/sa)·G`` (clipped to ±clip_range when ``clip_sample``), the
-    clip-consistent ``ε̂`` (``ε - (sa/s1)·(x̂0 - clip(x0))`` with clipping and guidance, ``ε + G``
-    without clipping, ``ε`` without guidance) and ``x_{t'} = sp·x̂0 + d·ε̂ + σ·z`` per element in
-    float32, where ``(x0, ε)`` come from ``model_out`` by ``prediction_type``.
+    Computes ``x̂0 = clip(x0) - (s1/sa)·G`` (the clip only when ``clip_sample``: guidance acts
+    after it), ``ε̂ = ε + G`` (or ``(x - sa·x̂0)/s1`` with ``use_clipped_model_output``) and
+    ``x_{t'} = sp·x̂0 + d·ε̂ + σ·z`` per element in float32, where ``(x0, ε)`` come from
+    ``model_out`` by ``prediction_type``.
 
     Args:
         x: ``[B, ...]`` float32, any strides (row-major needs no copy).
@@ -362,11 +362,11 @@ def guided_update(
                 f"0/1/2, got {prediction_type!r}"
             )
         prediction_type = PREDICTION_TYPES[prediction_type]
+    opts = (prediction_type, clip_sample, draw_noise, backend)
     check_guided_update_args(
-        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend,
+        x, model_out, guidance, noise, coefs, rng, *opts,
         use_clipped_model_output=use_clipped_model_output,
     )  # fmt: skip
     return torch.ops.cpsample.guided_update(
-        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend,
-        use_clipped_model_output,
-    )  # fmt: skip
+        x, model_out, guidance, noise, coefs, rng, *opts, use_clipped_model_output
+    )

@@ -108,7 +108,7 @@ CPSAMPLE_HD float clamp_keep_nan(float v, float c) {
   return v > c ? c : v;
 }
 
-// docs/CONTRACTS.md "The fused update" for one element: the clip-consistent rule. `g` is the
+// docs/CONTRACTS.md "The fused update" for one element: guidance after the clip. `g` is the
 // guidance term (read only when HAS_G), `z` the noise (0 when absent). P, CLIP, HAS_G and
 // CLIPPED_EPS (diffusers' use_clipped_model_output) are compile-time so the CPU loop vectorises.
 template <int P, bool CLIP, bool HAS_G, bool CLIPPED_EPS>
@@ -125,22 +125,15 @@ CPSAMPLE_HD float guided_update_element(float x, float o, float g, float z, cons
     x0 = c.sa * x - c.s1 * o;
     eps = c.sa * o + c.s1 * x;
   }
-  float x0_hat = x0;
-  if (HAS_G) x0_hat = x0 - (c.s1 / c.sa) * g;
-  if (CLIP) x0_hat = clamp_keep_nan(x0_hat, c.clip);
-  float eps_hat;
-  if (CLIPPED_EPS) {
-    eps_hat = (x - c.sa * x0_hat) / c.s1;
-  } else if (HAS_G && CLIP) {
-    // the guidance's shift of x̂0 that survived the clip, carried into ε̂
-    const float delta = x0_hat - clamp_keep_nan(x0, c.clip);
-    eps_hat = eps - (c.sa / c.s1) * delta;
-  } else if (HAS_G) {
-    eps_hat = eps + g;
-  } else {
-    eps_hat = eps;
+  // guidance after the clip: the clip acts on the model's own x̂0 as in diffusers' step, and
+  // the guidance moves the (x̂0, ε) pair consistently whatever the clip did
+  if (CLIP) x0 = clamp_keep_nan(x0, c.clip);
+  if (HAS_G) {
+    x0 = x0 - (c.s1 / c.sa) * g;
+    eps = eps + g;
   }
-  return c.sp * x0_hat + c.d * eps_hat + c.sigma * z;
+  if (CLIPPED_EPS) eps = (x - c.sa * x0) / c.s1;
+  return c.sp * x0 + c.d * eps + c.sigma * z;
 }
 
 }  // namespace cpsample
