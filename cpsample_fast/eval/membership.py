@@ -83,9 +83,7 @@ def denoiser_output(
     """ε (no protector or ``scale = 0``) or the CPSample ε̂ at ``(x_t, t)`` ``[B, C, H, W]``.
 
     ε̂ = ε + G with G the VJP of the protector's logits with the seed of
-    :func:`cpsample_fast.guidance.guidance_seed` (docs/ALGORITHM.md §3); with a schedule whose
-    ``clip_sample`` is on, the ε̂ of the clip-consistent step the sampler takes,
-    ``ε - (√ᾱ/√(1-ᾱ))·(clip(x̂0 - (√(1-ᾱ)/√ᾱ)·G) - clip(x̂0))``. With ``guidance_range``
+    :func:`cpsample_fast.guidance.guidance_seed` (SPEC §3 step 5). With ``guidance_range``
     (inclusive ``(t_min, t_max)``, as ``CPSampler``'s), samples whose t lies outside get ε.
     """
     ac = _alphas_cumprod(schedule).to(x_t.device)
@@ -106,16 +104,7 @@ def denoiser_output(
         if guidance_range is not None:
             c = c * ((t >= guidance_range[0]) & (t <= guidance_range[1])).to(c.dtype)
         (g,) = torch.autograd.grad(logits, x, grad_outputs=c)
-    g = g.float()
-    if getattr(schedule, "clip_sample", False):
-        # The ε̂ the sampler's step uses under clipping (docs/ALGORITHM.md §3, the
-        # clip-consistent rule): only the part of the guidance's move of x̂0 that survives the
-        # clip, Δ = clip(x̂0 - (s1/sa)·G) - clip(x̂0), enters ε̂ = ε - (sa/s1)·Δ.
-        r = float(schedule.clip_sample_range)
-        x0 = (x_t.float() - s1 * eps) / sa
-        shift = (x0 - (s1 / sa) * g).clamp(-r, r) - x0.clamp(-r, r)
-        return eps - (sa / s1) * shift
-    return eps + g
+    return eps + g.float()
 
 
 def reconstruction_errors(
