@@ -265,12 +265,15 @@ def cost_points(holdout: dict) -> dict[str, tuple[float, float]]:
     pts = {}
     for name in ("ddim", "cpsample", "rejection"):
         r = holdout.get(name)
+        if not r:
+            continue
         if (
-            r
-            and r.get("model_evaluations_per_image") is not None
+            r.get("model_evaluations_per_image") is not None
             and r.get("replication_cut") is not None
         ):
             pts[name] = (float(r["model_evaluations_per_image"]), float(r["replication_cut"]))
+        elif r.get("model_evaluations"):  # rejection that kept nothing: a lower bound
+            pts[name] = (float(r["model_evaluations"]), None)
     return pts
 
 
@@ -324,8 +327,9 @@ def save_pareto_png(rows, path, targets: Targets, recommended: dict | None) -> N
     _save(fig, path)
 
 
-def save_cost_png(points: dict[str, tuple[float, float]], path) -> None:
-    """Replication cut against model evaluations per image, one point per sampler."""
+def save_cost_png(points: dict[str, tuple[float, float | None]], path) -> None:
+    """Replication cut against model evaluations per image, one point per sampler (a cut of
+    None: nothing accepted, the cost is the lower bound ``evaluations spent``)."""
     from .eval.plots import _plt, _save
 
     plt = _plt()
@@ -333,6 +337,11 @@ def save_cost_png(points: dict[str, tuple[float, float]], path) -> None:
     colors = {"ddim": "tab:gray", "cpsample": "tab:blue", "rejection": "tab:orange"}
     for name, (cost, cut) in points.items():
         if not math.isfinite(cost):
+            continue
+        if cut is None:  # nothing accepted: cost is a lower bound, the cut is unmeasurable
+            ax.scatter([cost], [0], s=80, marker="x", c=colors.get(name, "k"), label=name)
+            ax.annotate(f"{name}: 0 kept, > {cost:.0f} evals/image", (cost, 0),
+                        textcoords="offset points", xytext=(-120, 8), fontsize=8)  # fmt: skip
             continue
         ax.scatter([cost], [100 * cut], s=80, c=colors.get(name, "k"), label=name)
         ax.annotate(name, (cost, 100 * cut), textcoords="offset points", xytext=(6, 4), fontsize=8)

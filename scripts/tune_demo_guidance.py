@@ -70,13 +70,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="tune_demo_out")
     p.add_argument("--budget", type=int, default=2200)
-    # The grid of the shipped settings. A first run over repel/entropy × α 0.4, 0.45, 0.5 ×
-    # s 500–4000 (same budget) recommended the same repel α = 0.45, s = 4000; entropy was
-    # dominated everywhere, α = 0.4 under-protects (blurred 11–16%), α = 0.5 guides every sample
-    # and leaks membership the other way (two-sided AUC 0.96). This grid refines around it.
+    # The grid of the shipped settings, for core's final guided step (guidance after the clip).
     p.add_argument("--modes", nargs="+", default=["repel", "entropy"])
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.45, 0.47, 0.5])
-    p.add_argument("--scales", type=float, nargs="+", default=[2000.0, 4000.0, 8000.0])
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.3, 0.4])
+    p.add_argument("--scales", type=float, nargs="+", default=[500.0, 1000.0, 2000.0, 4000.0])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--pool-seeds", type=int, nargs="*", default=[0, 1, 2, 3])
     p.add_argument("--pool-n", type=int, default=128)

@@ -118,6 +118,14 @@ def test_tune_writes_table_settings_and_rescores_on_holdout(tiny, tmp_path):
     csv_lines = paths["table_csv"].read_text().splitlines()
     assert csv_lines[0].startswith("round,mode,alpha,scale") and len(csv_lines) == 4
     assert paths["pareto_png"].stat().st_size > 1000
+    # Rejection kept nothing here (α = 0.5 keeps only f = 0): its evaluations spent are
+    # plotted as a lower bound on the cost, with no cut.
+    from cpsample_fast.tune import cost_points
+
+    pts = cost_points(h)
+    assert pts["ddim"] == (4.0, 0.0) and pts["cpsample"][0] == 4.0
+    assert pts["rejection"] == (float(rej["model_evaluations"]), None) and rej["n_accepted"] == 0
+    assert paths["cost_png"].stat().st_size > 1000
     settings = json.loads(paths["settings"].read_text())
     assert settings["sampler"]["scale"] == res.recommended["scale"]
     assert settings["tuned"]["holdout"]["replication_cut"] == h["cpsample"]["replication_cut"]

@@ -394,6 +394,8 @@ def main(args) -> int:
     }
     if "rejection" in samples and base:
         points["rejection"] = (rej.evals_per_accepted, cut_of(reps["rejection"].rate(P)))
+    elif rej is not None:  # nothing kept: the evaluations spent are a lower bound per image
+        points["rejection"] = (float(rej.model_evaluations), None)
     save_cost_png(points, out / "replication_vs_cost.png")
     times["plots"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_all
