@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "sample": "sample",
     "evaluate": "evaluate",
     "bench": "bench",
+    "tune": "tune",
 }
 
 
