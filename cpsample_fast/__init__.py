@@ -1,6 +1,7 @@
 """cpsample_fast: fast, tested CPSample (Kazdan et al., ICLR 2025, arXiv 2409.07025).
 
-Public names follow SPEC.md §5. The evaluation, model and integration subpackages are imported on
+Public names follow docs/ALGORITHM.md §5. The evaluation, model and integration subpackages are
+imported on
 first use (``cps.eval``), so ``import cpsample_fast`` stays light.
 """
 

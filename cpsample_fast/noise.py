@@ -1,6 +1,6 @@
 """Counter-based Gaussian noise: Philox4x32-10 plus Triton's ``randn`` recipe, in plain torch.
 
-This is the torch reference of the random numbers every backend draws (SPEC §4,
+This is the torch reference of the random numbers every backend draws (docs/ALGORITHM.md §4,
 docs/CONTRACTS.md "Counter-based noise"). The normal value for (seed, sample index ``i``,
 loop step ``k``, stream, element ``j``) is a pure function of those numbers:
 
@@ -76,8 +76,8 @@ def _mulhilo(a: torch.Tensor, multiplier: int) -> tuple[torch.Tensor, torch.Tens
     (floor of a floor by an integer is the floor of the quotient) and
     ``lo = (p_lo + ((p_hi mod 2**16) << 16)) mod 2**32`` — exact, no int64 overflow anywhere.
 
-    The fresh partial products are updated in place: fewer new buffers made the eager Philox
-    of a 64×3×32×32 draw ~1.8x faster (39 → 21 ms, best of 5, 1 thread on a loaded 2-core box).
+    The fresh partial products are updated in place: eager Philox is bound by allocating new
+    buffers, so fewer of them make it faster (timings in benchmarks/README.md).
     """
     p_hi = a * (multiplier >> 16)
     p_lo = a * (multiplier & 0xFFFF)
@@ -187,7 +187,7 @@ def philox_normal(
     stream: IntLike,
     sample_shape: Sequence[int],
 ) -> torch.Tensor:
-    """Standard normals for the given samples, by the counter-based contract (SPEC §4).
+    """Standard normals for the given samples, by the counter-based contract (docs/ALGORITHM.md §4).
 
     Element ``j`` (row-major flat index inside one sample) of sample ``sample_index[b]`` uses the
     counter ``(j, sample_index[b], step, stream)``. With ``step = stream = 0`` this equals

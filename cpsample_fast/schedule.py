@@ -1,4 +1,5 @@
-"""``NoiseSchedule``: betas, ᾱ, DDIM inference timesteps and step coefficients (SPEC.md §1).
+"""``NoiseSchedule``: betas, ᾱ, DDIM inference timesteps and step coefficients (docs/ALGORITHM.md
+§1).
 
 The schedule mirrors diffusers' ``DDIMScheduler`` config keys, defaults and float32 arithmetic, so
 that a diffusers config converts one-to-one and every coefficient rounds exactly as diffusers
@@ -445,7 +446,7 @@ class NoiseSchedule:
         """Previous timesteps ``t - T // n`` (may be negative), as ``DDIMScheduler.step``.
 
         With ``trailing`` / ``linspace`` spacing this is not always the next listed timestep;
-        diffusers steps to it anyway and so do we (SPEC §3).
+        diffusers steps to it anyway and so do we (docs/ALGORITHM.md §3).
 
         Args:
             num_inference_steps: ``n`` in ``1..T``.
@@ -467,7 +468,8 @@ class NoiseSchedule:
 
         Keys (each float32 ``[n]``, in loop order): ``sqrt_alpha`` = √ᾱ_t,
         ``sqrt_one_minus_alpha`` = √(1-ᾱ_t), ``sqrt_alpha_prev`` = √ᾱ',
-        ``dir_coef`` = √(1-ᾱ'-σ²), ``sigma`` = η·√((1-ᾱ')/(1-ᾱ_t)·(1-ᾱ_t/ᾱ')) (SPEC §3 step 7).
+        ``dir_coef`` = √(1-ᾱ'-σ²), ``sigma`` = η·√((1-ᾱ')/(1-ᾱ_t)·(1-ᾱ_t/ᾱ')) (docs/ALGORITHM.md §3
+        step 7).
 
         The elementwise float32 ops below are diffusers' own (``x ** 0.5`` is ``sqrt`` and
         ``x ** 2`` is ``x * x`` in torch), applied to a vector instead of one 0-dim tensor per

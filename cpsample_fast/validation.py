@@ -1,7 +1,7 @@
 """Argument checks shared by the reference and the fast sampler.
 
 Each check raises ``ValueError``/``TypeError`` naming the argument and what was expected, so bad
-input fails before any model or kernel runs (SPEC §3, issue "Bad input").
+input fails before any model or kernel runs (docs/ALGORITHM.md §3, issue "Bad input").
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def check_sampling_args(
 
 
 def resolve_guidance_args(protector, scale, alpha) -> tuple[float, float]:
-    """``scale`` and ``alpha`` are required with a protector (SPEC §5 gives them no default).
+    """``scale`` and ``alpha`` are required with a protector (docs/ALGORITHM.md §5 gives them no
+    default).
 
     A protector passed without them would otherwise sample unprotected without a word; the
     paper pairs s = 1000 with α = 0.001. Without a protector they default to plain DDIM.

@@ -17,7 +17,8 @@ F32_EPS = torch.finfo(torch.float32).eps
 
 
 def make_coefs(alpha_bar=0.64, alpha_bar_prev=0.81, eta=0.7, clip_range=1.0):
-    """(sa, s1, sp, d, sigma, clip) from ᾱ_t, ᾱ' and η as DDIM defines them (SPEC §3 step 7)."""
+    """(sa, s1, sp, d, sigma, clip) from ᾱ_t, ᾱ' and η as DDIM defines them (docs/ALGORITHM.md §3
+    step 7)."""
     sigma = (
         eta
         * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
@@ -38,7 +39,8 @@ def make_inputs(shape=SHAPE, seed=0):
 
 
 def reference_update_f64(x, o, g, z, coefs, prediction_type, clip_sample):
-    """SPEC §3 steps 5–7 in float64, written from the paper's form, not the kernels' form."""
+    """docs/ALGORITHM.md §3 steps 5–7 in float64, written from the paper's form, not the kernels'
+    form."""
     x, o = x.double(), o.double()
     sa, s1, sp, d, sigma, c = coefs.double().tolist()
     if prediction_type == 0:

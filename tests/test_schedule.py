@@ -347,7 +347,8 @@ def test_eta_is_validated():
 
 
 def test_eta_one_over_all_steps_is_ddpm_ancestral():
-    """η = 1 with n = T is DDPM's ancestral step (SPEC §3): same posterior mean and variance."""
+    """η = 1 with n = T is DDPM's ancestral step (docs/ALGORITHM.md §3): same posterior mean and
+    variance."""
     ours = NoiseSchedule.cosine()
     ddpm = DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="fixed_small")
     c = {k: v.double() for k, v in ours.step_coefficients(T, 1.0).items()}

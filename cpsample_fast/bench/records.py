@@ -1,6 +1,7 @@
 """One output schema for every benchmark: Liger-style CSV rows plus the run's environment.
 
-Columns (STYLE.md §7): ``op, provider, mode, metric, unit, x_name, x, median, p20, p80, device,
+Columns (benchmarks/README.md "CSV schema"): ``op, provider, mode, metric, unit, x_name, x, median,
+p20, p80, device,
 versions, commit, timestamp, extra``. A row is one measured quantity of one provider at one
 size; ``extra`` is a JSON object with the configuration that produced it. Rows are appended to a
 CSV file (rewritten atomically, so a killed run never leaves a half-written line) and kept in the

@@ -5,7 +5,7 @@ Providers (names used in the table, the CSV and ``--providers``):
 - ``reference``: :func:`cpsample_fast.reference.reference_sample` (imported, never rewritten),
   float32 models;
 - ``reference+bf16``: the same loop with the models in bf16 + channels_last (the baseline of
-  the low-precision accuracy rule, STYLE.md §4);
+  the low-precision accuracy rule: a bf16 provider's error at most twice the bf16 reference's);
 - ``fused``: :class:`cpsample_fast.CPSampler`, eager;
 - ``fused+compile``: ``CPSampler(compile=True)`` (one ``torch.compile(fullgraph=True)`` step);
 - ``fused+compile+bf16``: the same with the models in bf16 + channels_last;
@@ -424,9 +424,10 @@ def match_tolerance(ref_err_vs_fp64: float | None, ref_scale: float, bf16: bool)
     """Largest allowed max |provider - reference in the same dtype|.
 
     :data:`MATCH_RTOL` of the scale; with a float64 baseline, at least 5× the reference's own
-    error against it: STYLE.md §4's rule (the provider's error at most twice the reference's)
-    allows 3×, and compiled float32 measured ~3× the reference's error (inductor reorders the
-    float32 reductions; README "Measured here"). With random weights the bf16 trajectories are
+    error against it: the low-precision accuracy rule (the provider's error at most twice the
+    reference's) allows 3×, and compiled float32 can reach ~3× the reference's error (inductor
+    reorders the float32 reductions; benchmarks/README.md). With random weights the bf16
+    trajectories are
     chaotic (errors of order 1), which only the baseline can tell from a wrong kernel.
     """
     tol = MATCH_RTOL[bf16] * ref_scale

@@ -15,7 +15,8 @@ import argparse
 import importlib
 import sys
 
-# subcommand -> module name (SPEC §5: at least demo, train-protector, sample, evaluate, bench)
+# subcommand -> module name (docs/ALGORITHM.md §5: at least demo, train-protector, sample,
+# evaluate, bench)
 SUBCOMMANDS = {
     "demo": "demo",
     "train-protector": "train_protector",

@@ -1,6 +1,6 @@
 """Fused ops of one protected step, each a functional ``torch.library`` op (``cpsample::``).
 
-- ``guided_update``: ``cpsample::guided_update``, x_t → x_{t'} (SPEC §3 steps 5–7);
+- ``guided_update``: ``cpsample::guided_update``, x_t → x_{t'} (docs/ALGORITHM.md §3 steps 5–7);
 - ``dpm_update``: ``cpsample::dpm_update``, one DPM-Solver++(2M) step (x_t, x̂0_prev) → (x_{t'}, x̂0);
 - ``guidance_seed``: ``cpsample::guidance_seed``, logits → (VJP seed, confidence, gate).
 

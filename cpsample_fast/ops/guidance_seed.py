@@ -1,8 +1,8 @@
 """``cpsample::guidance_seed``: logits → (VJP seed c, confidence q, gate m) as a torch.library op.
 
-Wraps ``cpsample_fast.guidance.guidance_seed`` (SPEC §3 steps 2–5). Backends: ``"torch"`` (the
-math of ``guidance.py``) and ``"triton"`` (one fused kernel in ``_triton.py``). The compiled
-extension has no kernel for this ``[B]``-sized op, so ``"cpp"``/``"cuda"`` run the torch version,
+Wraps ``cpsample_fast.guidance.guidance_seed`` (docs/ALGORITHM.md §3 steps 2–5). Backends:
+``"torch"`` (the math of ``guidance.py``) and ``"triton"`` (one fused kernel in ``_triton.py``).
+The compiled extension has no kernel for this ``[B]``-sized op, so ``"cpp"``/``"cuda"`` run the torch version,
 and ``"auto"`` picks triton where it runs natively (CUDA tensors), else torch.
 """
 
@@ -97,7 +97,8 @@ def guidance_seed(
     *,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample VJP seed ``c_b = s·√(1-ᾱ_t)·m_b·w(f_b)·sign(f_b)`` (SPEC §3 steps 2–5).
+    """Per-sample VJP seed ``c_b = s·√(1-ᾱ_t)·m_b·w(f_b)·sign(f_b)`` (docs/ALGORITHM.md §3 steps
+    2–5).
 
     Args:
         logits: ``[B]`` float protector logits.

@@ -1,6 +1,6 @@
 """``cpsample::guided_update``: the fused step ``x_t → x_{t'}`` as one functional torch.library op.
 
-The op (SPEC §3 steps 5–7, docs/CONTRACTS.md "The fused update") is opaque to
+The op (docs/ALGORITHM.md §3 steps 5–7, docs/CONTRACTS.md "The fused update") is opaque to
 ``torch.compile``: a compiled sampler calls it as one node, and it dispatches at run time to the
 backend named by its ``backend`` argument:
 

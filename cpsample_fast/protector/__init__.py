@@ -1,4 +1,5 @@
-"""The protector (SPEC §2): a time-conditioned classifier that memorises random member labels."""
+"""The protector (docs/ALGORITHM.md §2): a time-conditioned classifier that memorises random member
+labels."""
 
 from .labels import VerifyResult, dataset_fingerprint, draw_labels, verify_protector
 from .model import ProtectorNet

@@ -1,4 +1,4 @@
-"""Where a protector can act: member accuracy and confidence per noise level (SPEC §2).
+"""Where a protector can act: member accuracy and confidence per noise level (docs/ALGORITHM.md §2).
 
 :func:`evaluate_protector` noises every image once per timestep bin with a fixed, seeded
 generator and records, per bin, the accuracy against the labels, the mean confidence
@@ -31,7 +31,7 @@ def noised(
     noise: torch.Tensor,  # [B, C, H, W]
     alphas_cumprod: torch.Tensor,  # [T] float32
 ) -> torch.Tensor:
-    """``√ᾱ_t x0 + √(1-ᾱ_t) ε`` (SPEC §2), in float32 like diffusers' ``add_noise``."""
+    """``√ᾱ_t x0 + √(1-ᾱ_t) ε`` (docs/ALGORITHM.md §2), in float32 like diffusers' ``add_noise``."""
     a = alphas_cumprod.to(x0.device)[t].float()[:, None, None, None]
     return a.sqrt() * x0 + (1.0 - a).sqrt() * noise
 

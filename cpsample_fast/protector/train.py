@@ -1,4 +1,4 @@
-"""``train_protector`` (SPEC §2) and protector checkpoints.
+"""``train_protector`` (docs/ALGORITHM.md §2) and protector checkpoints.
 
 Training minimises binary cross-entropy of ``f(√ᾱ_t x_i + √(1-ᾱ_t) ε, t)`` against the random
 member labels ``y_i``, with ``t`` uniform over the schedule (or a sub-range / weighting); hold-out
@@ -131,7 +131,8 @@ def _build_protector(
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in protector.modules()):
             raise ValueError(
                 "protector contains BatchNorm, which mixes samples across the batch in training; "
-                "guidance needs per-sample logits (use GroupNorm or LayerNorm, SPEC §2)"
+                "guidance needs per-sample logits (use GroupNorm or LayerNorm; docs/ALGORITHM.md "
+                "§2)"
             )
         return protector
     if protector is not None and not isinstance(protector, Mapping):
@@ -302,7 +303,7 @@ def train_protector(
     callback: Callable[[int, dict[str, float]], None] | None = None,
     latent: bool = False,
 ) -> tuple[nn.Module, ProtectorReport]:
-    """Train a protector to memorise random labels of ``images`` under noise (SPEC §2).
+    """Train a protector to memorise random labels of ``images`` under noise (docs/ALGORITHM.md §2).
 
     Args:
         images: Members, float ``[N, C, H, W]`` in [-1, 1], or a Dataset of ``[C, H, W]``

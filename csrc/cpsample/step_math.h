@@ -98,7 +98,7 @@ struct StepCoefs {
   float s1;     // sqrt(1 - alpha_bar_t)
   float sp;     // sqrt(alpha_bar_prev)
   float d;      // sqrt(1 - alpha_bar_prev - sigma^2)
-  float sigma;  // eta * ... (SPEC §3 step 7)
+  float sigma;  // eta * ... (docs/ALGORITHM.md §3 step 7)
   float clip;   // clip_sample_range
 };
 
