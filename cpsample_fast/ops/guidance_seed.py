@@ -2,8 +2,8 @@
 
 Wraps ``cpsample_fast.guidance.guidance_seed`` (docs/ALGORITHM.md §3 steps 2–5). Backends:
 ``"torch"`` (the math of ``guidance.py``) and ``"triton"`` (one fused kernel in ``_triton.py``).
-The compiled extension has no kernel for this ``[B]``-sized op, so ``"cpp"``/``"cuda"`` run the torch version,
-and ``"auto"`` picks triton where it runs natively (CUDA tensors), else torch.
+The compiled extension has no kernel for this ``[B]``-sized op, so ``"cpp"``/``"cuda"`` run the
+torch version, and ``"auto"`` picks triton where it runs natively (CUDA tensors), else torch.
 """
 
 from __future__ import annotations
