@@ -93,7 +93,7 @@ def mode_weight(logits: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def guidance_seed(
+def vjp_seed(
     logits: torch.Tensor,  # [B] protector logits f
     scale_t: torch.Tensor | float,  # s · √(1 - ᾱ_t), scalar
     alpha: float,
@@ -103,6 +103,9 @@ def guidance_seed(
 
     The vector-Jacobian product of the logits with ``c`` is the whole guidance term
     ``s·√(1-ᾱ_t)·m·g`` that is added to ε, because each logit depends on its own sample only.
+
+    The plain-math form (``scale_t`` a float or a tensor, ``mode`` a name); the op
+    :func:`cpsample_fast.ops.guidance_seed` is its checked, backend-dispatched counterpart.
 
     Returns:
         ``(c, q, m)``: the seed ``[B]`` (float32), the confidence ``[B]`` and the gate ``[B]``
@@ -114,3 +117,7 @@ def guidance_seed(
     w = mode_weight(f, mode)
     c = scale_t * m.to(f.dtype) * w * torch.sign(f)
     return c, q, m
+
+
+# The name eval/membership.py still imports; to be dropped when that module moves to vjp_seed.
+guidance_seed = vjp_seed

@@ -26,16 +26,18 @@ from collections.abc import Sequence
 
 import torch
 
-# Philox4x32 constants (Salmon et al. 2011; identical to triton.language.random).
-PHILOX_ROUND_A = 0xD2511F53
-PHILOX_ROUND_B = 0xCD9E8D57
-PHILOX_KEY_A = 0x9E3779B9
-PHILOX_KEY_B = 0xBB67AE85
-PHILOX_ROUNDS = 10
-
-# Counter word c3 (docs/CONTRACTS.md): which noise a draw belongs to.
-STREAM_STEP = 0  # per-step noise z of the sampling loop
-STREAM_INITIAL = 1  # initial noise x_T
+# Philox4x32 constants and the counter word c3 (which noise a draw belongs to) live in
+# constants.py, mirrored in csrc/cpsample/step_math.h.
+from .constants import (
+    PHILOX_KEY_A,
+    PHILOX_KEY_B,
+    PHILOX_ROUND_A,
+    PHILOX_ROUND_B,
+    PHILOX_ROUNDS,
+    STREAM_INITIAL,
+    STREAM_MEMBERSHIP,  # noqa: F401  (re-exported: noise.STREAM_* names every stream)
+    STREAM_STEP,
+)
 
 _MASK32 = 0xFFFFFFFF
 _SIGN32 = 0x80000000
@@ -197,7 +199,8 @@ def philox_normal(
         seed: Python int or int64 0-dim tensor.
         sample_index: int64 tensor ``[B]``; its device is the output's device.
         step: loop step ``k`` (0-based), Python int or int64 0-dim tensor.
-        stream: ``STREAM_STEP`` (0) or ``STREAM_INITIAL`` (1), or any counter word.
+        stream: ``STREAM_STEP`` (0), ``STREAM_INITIAL`` (1), ``STREAM_MEMBERSHIP`` (2), or any
+            counter word.
         sample_shape: shape of one sample, e.g. ``(C, H, W)``.
 
     Returns:

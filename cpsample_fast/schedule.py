@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .constants import PREDICTION_TYPES
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 COEFFICIENT_KEYS = ("sqrt_alpha", "sqrt_one_minus_alpha", "sqrt_alpha_prev", "dir_coef", "sigma")
 
 # Config keys and defaults of diffusers' DDIMScheduler that this schedule implements.

@@ -8,20 +8,16 @@ Each dispatches to a backend ("torch", "triton", "cpp", "cuda"; "auto" picks the
 see ``available_backends``). Importing this package registers the ops.
 """
 
+from ..constants import PREDICTION_TYPE_IDS
+from ._backends import BACKENDS, available_backends, resolve_backend
+from ._guided_update_op import guided_update
 from ._triton import has_triton
 from .dpm_update import dpm_update
 from .guidance_seed import guidance_seed
-from .guided_update import (
-    BACKENDS,
-    PREDICTION_TYPES,
-    available_backends,
-    guided_update,
-    resolve_backend,
-)
 
 __all__ = [
     "BACKENDS",
-    "PREDICTION_TYPES",
+    "PREDICTION_TYPE_IDS",
     "available_backends",
     "dpm_update",
     "guidance_seed",

@@ -55,9 +55,7 @@ GPU_NUM_WARPS = 4
 INTERPRETER_MAX_BLOCK = 1 << 16
 MAX_GRID_Y = 65535
 
-NOISE_NONE = 0
-NOISE_TENSOR = 1
-NOISE_DRAW = 2
+from ..constants import NOISE_DRAW, NOISE_NONE, NOISE_TENSOR  # noqa: E402  (after the optional import)
 
 
 def has_triton() -> bool:
