@@ -576,11 +576,7 @@ class NoiseSchedule:
         if cumprod is None:
             cumprod = self.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)
             self._device_cumprod[key] = cumprod
-        a = cumprod[t.to(x0.device)]
-        shape = (-1,) + (1,) * (x0.ndim - 1) if a.ndim == 1 else ()
-        sqrt_alpha = (a**0.5).reshape(shape)
-        sqrt_one_minus_alpha = ((1 - a) ** 0.5).reshape(shape)
-        return sqrt_alpha * x0 + sqrt_one_minus_alpha * noise
+        return forward_noise(x0, noise, t, cumprod)
 
     # ----------------------------------------------------------------- dunder
 
@@ -609,3 +605,28 @@ class NoiseSchedule:
             f"{k}={v}" if k == "trained_betas" else f"{k}={v!r}" for k, v in config.items()
         )
         return f"NoiseSchedule({args})"
+
+
+def alphas_cumprod_of(schedule: Any) -> torch.Tensor:
+    """ᾱ ``[T]`` as float32 from a :class:`NoiseSchedule` (anything with ``alphas_cumprod``) or
+    from that tensor itself; TypeError otherwise."""
+    ac = getattr(schedule, "alphas_cumprod", schedule)
+    if not isinstance(ac, torch.Tensor) or ac.dim() != 1:
+        raise TypeError("schedule must have alphas_cumprod (a float tensor [T]) or be that tensor")
+    return ac.float()
+
+
+def forward_noise(
+    x0: torch.Tensor,  # [B, ...]
+    noise: torch.Tensor,  # [B, ...]
+    t: torch.Tensor,  # int64 [B] (or 0-dim)
+    alphas_cumprod: torch.Tensor,  # [T]
+) -> torch.Tensor:
+    """``x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε`` (docs/ALGORITHM.md §1) in ``x0``'s dtype, as diffusers'
+    ``add_noise``: the one forward-noising formula of the package. Unchecked (callers validate);
+    :meth:`NoiseSchedule.add_noise` is the checked public form."""
+    a = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t.to(x0.device)]
+    shape = (-1,) + (1,) * (x0.ndim - 1) if a.ndim == 1 else ()
+    sqrt_alpha = (a**0.5).reshape(shape)
+    sqrt_one_minus_alpha = ((1 - a) ** 0.5).reshape(shape)
+    return sqrt_alpha * x0 + sqrt_one_minus_alpha * noise

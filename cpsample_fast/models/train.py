@@ -28,6 +28,7 @@ from ..io import (
     save_safetensors_atomic,
     write_json_atomic,
 )
+from ..schedule import alphas_cumprod_of, forward_noise
 
 # Header key of the safetensors file holding the JSON metadata: the weights, optimiser, RNG
 # state and ``step`` then live in one file written by one atomic rename, so a run killed at any
@@ -55,13 +56,6 @@ class TrainReport:
     losses: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
     images_per_second: float = 0.0
-
-
-def _alphas_cumprod(schedule) -> torch.Tensor:
-    ac = getattr(schedule, "alphas_cumprod", schedule)
-    if not isinstance(ac, torch.Tensor) or ac.dim() != 1:
-        raise TypeError("schedule must have alphas_cumprod (a float tensor [T]) or be that tensor")
-    return ac.float()
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
@@ -284,7 +278,7 @@ def train_diffusion(
         raise ValueError("images contain NaN or inf")
     if steps < 0 or batch_size < 1:
         raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {steps}, {batch_size}")
-    ac = _alphas_cumprod(schedule)
+    ac = alphas_cumprod_of(schedule)
     T = ac.shape[0]
     device = next(model.parameters()).device
     images = images.float().to(device)
@@ -368,8 +362,7 @@ def train_diffusion(
         x0 = images[idx.to(device)]
         t = torch.randint(0, T, (batch_size,), generator=gen).to(device)
         eps = torch.randn(x0.shape, generator=gen).to(device)
-        a = ac[t][:, None, None, None]
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        xt = forward_noise(x0, eps, t, ac)
         loss = (model(xt, t) - eps).pow(2).mean()
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
