@@ -16,6 +16,9 @@ NOISE_NONE = 0  # deterministic step (η = 0, or the last step)
 NOISE_TENSOR = 1  # an explicit z tensor
 NOISE_DRAW = 2  # drawn in the kernel from the counter-based Philox stream
 
+# Seeds are 64-bit Philox keys: every seed argument lies in [0, SEED_LIMIT).
+SEED_LIMIT = 2**64
+
 # Philox4x32-10 (Salmon et al. 2011; identical to triton.language.random and Random123).
 PHILOX_ROUND_A = 0xD2511F53
 PHILOX_ROUND_B = 0xCD9E8D57

@@ -11,7 +11,24 @@ from collections.abc import Sequence
 
 import torch
 
+from .constants import SEED_LIMIT
 from .guidance import MODES, check_alpha
+
+
+def check_int(name: str, value, lo: int = 1) -> int:
+    """A Python int (not a bool) ``>= lo``; ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    return value
+
+
+def check_seed(name: str, value) -> int:
+    """A seed: a Python int in ``[0, 2**64)`` (a 64-bit Philox key), everywhere in the package."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
+    return value
 
 
 def check_sampling_args(

@@ -69,3 +69,20 @@ def test_prediction_type_id_accepts_names_and_ids():
     for name, i in constants.PREDICTION_TYPE_IDS.items():
         assert constants.prediction_type_id(name) == i
         assert constants.prediction_type_id(i) == i
+
+
+def test_one_seed_rule():
+    import argparse
+
+    from cpsample_fast.cli import _args
+    from cpsample_fast.validation import check_seed
+
+    assert check_seed("seed", 0) == 0 and check_seed("seed", 2**64 - 1) == 2**64 - 1
+    assert _args.seed(str(2**64 - 1)) == 2**64 - 1
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
+            check_seed("seed", bad)
+        with pytest.raises(argparse.ArgumentTypeError, match=r"\[0, 2\*\*64\)"):
+            _args.seed(str(bad))
+    with pytest.raises(TypeError, match="seed must be an int"):
+        check_seed("seed", True)

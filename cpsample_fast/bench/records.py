@@ -63,7 +63,7 @@ def device_name(device: torch.device | str) -> str:
 
 def versions() -> str:
     """``torch=…;triton=…;cpsample_fast=…;cuda=…`` of this process."""
-    from .. import __version__
+    from .._version import __version__
 
     parts = [f"torch={torch.__version__}"]
     try:

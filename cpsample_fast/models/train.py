@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data import check_images
 from ..io import (
     load_safetensors,
     read_json,
@@ -272,10 +273,7 @@ def train_diffusion(
     Returns:
         ``(model, report)``; ``model`` holds the EMA weights (or the raw ones without EMA).
     """
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty [N, C, H, W] tensor, got {images!r:.80}")
-    if not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or inf")
+    images = check_images(images, "images", value_range=None)
     if steps < 0 or batch_size < 1:
         raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {steps}, {batch_size}")
     ac = alphas_cumprod_of(schedule)

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import __version__
-from ..data import as_image_tensor
+from .._version import __version__
+from ..data import as_image_tensor, check_images
 from ..io import (
     ensure_writable_dir,
     load_safetensors,
@@ -43,6 +43,7 @@ from ..io import (
     save_safetensors_atomic,
     write_json_atomic,
 )
+from ..validation import check_int, check_seed
 from .labels import dataset_fingerprint, draw_labels
 from .model import ProtectorNet
 from .report import ProtectorReport, evaluate_protector, noised, timestep_bins
@@ -52,12 +53,6 @@ TRAIN_STATE_FORMAT = "cpsample_fast.protector-train-state/1"
 _STATE_JSON = "train_state.json"
 # The only file names a train_state.json pointer may name (same folder, no path parts).
 _WEIGHTS_RE = re.compile(r"train_state-\d{9}\.safetensors")
-
-
-def _check_int(name: str, value: Any, lo: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-    return value
 
 
 def _check_finite(name: str, value: Any, lo: float, *, strict: bool = False) -> float:
@@ -70,14 +65,6 @@ def _check_finite(name: str, value: Any, lo: float, *, strict: bool = False) -> 
             f"{name} must be a finite number {'>' if strict else '>='} {lo:g}, got {v}"
         )
     return v
-
-
-def _check_seed(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if not 0 <= value < 2**64:
-        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
-    return value
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -264,13 +251,7 @@ def _as_latents(latents, name: str) -> torch.Tensor:
     """Latents ``[N, C, H, W]`` as float32: finite, any range (``train_protector(latent=True)``)."""
     if isinstance(latents, np.ndarray):
         latents = torch.from_numpy(latents)
-    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor [N, C, H, W] of latents")
-    if latents.dim() != 4 or latents.numel() == 0:
-        raise ValueError(f"{name} must have shape [N, C, H, W], got {tuple(latents.shape)}")
-    if not bool(torch.isfinite(latents).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return latents.float()
+    return check_images(latents, name, value_range=None)
 
 
 def train_protector(
@@ -354,20 +335,20 @@ def train_protector(
         raise ValueError(
             f"holdout images have shape {tuple(h.shape[1:])}, members {tuple(x.shape[1:])}"
         )
-    steps = _check_int("steps", steps)
-    batch_size = _check_int("batch_size", batch_size)
-    eval_every = _check_int("eval_every", eval_every)
-    report_max_images = _check_int("report_max_images", report_max_images)
+    steps = check_int("steps", steps)
+    batch_size = check_int("batch_size", batch_size)
+    eval_every = check_int("eval_every", eval_every)
+    report_max_images = check_int("report_max_images", report_max_images)
     hb = batch_size // 2 if holdout_batch_size is None else holdout_batch_size
-    hb = _check_int("holdout_batch_size", max(hb, 1) if h is not None else 1)
+    hb = check_int("holdout_batch_size", max(hb, 1) if h is not None else 1)
     every = max(steps // 10, 1) if checkpoint_every is None else checkpoint_every
-    every = _check_int("checkpoint_every", every)
+    every = check_int("checkpoint_every", every)
     lr = _check_finite("lr", lr, 0.0, strict=True)
     holdout_weight = _check_finite("holdout_weight", holdout_weight, 0.0)
     weight_decay = _check_finite("weight_decay", weight_decay, 0.0)
-    report_bins = _check_int("report_bins", report_bins)
-    seed = _check_seed("seed", seed)
-    label_seed = _check_seed("label_seed", label_seed)
+    report_bins = check_int("report_bins", report_bins)
+    seed = check_seed("seed", seed)
+    label_seed = check_seed("label_seed", label_seed)
     rank, world = _dist_rank_world()
     if batch_size < world:
         raise ValueError(
