@@ -26,10 +26,15 @@ __all__ = [
     "reference_sample",
     "save_protector",
     "train_protector",
+    "tune_guidance",
 ]
 
 
 def __getattr__(name: str):
+    if name in ("tune_guidance", "Targets"):
+        from . import tune
+
+        return getattr(tune, name)
     if name in _LAZY_SUBMODULES:
         module = importlib.import_module(f".{name}", __name__)
         globals()[name] = module

@@ -212,6 +212,22 @@ class CPSampler:
         self.compile_backend = "inductor"
         self.compile_options = dict(compile_options or {})
 
+    @classmethod
+    def from_settings(cls, settings, eps_model, protector, schedule, *, protector_meta=None, **kw):
+        """A sampler with the options of a settings JSON (``cps.tune_guidance``'s output).
+
+        ``settings`` is a path or a dict. The file records the eps-model's and the protector's
+        state-dict hashes (``cpsample_fast.settings``); other weights are refused with a
+        ``ValueError`` naming the mismatch. ``kw`` (``backend``, ``compile``, ...) go to the
+        constructor; sampler options given there override the file's.
+        """
+        from .settings import load_settings, sampler_kwargs
+
+        loaded = load_settings(
+            settings, eps_model=eps_model, protector=protector, protector_meta=protector_meta
+        )
+        return cls(eps_model, protector, schedule, **{**sampler_kwargs(loaded), **kw})
+
     # ------------------------------------------------------------------ the step
     def _step(self, x, k, tables, rng_base, z, guided: bool, draw_noise: bool, run: _Run):
         """One protected step (SPEC §3 steps 1–7) with no host synchronisation.

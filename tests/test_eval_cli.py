@@ -191,3 +191,38 @@ def test_grayscale_folder(tmp_path, capsys):
     assert main([*args, "--grayscale", "--thresholds", "0.99", "--out", str(tmp_path / "b")]) == 0
     report = json.loads((tmp_path / "b" / "evaluation.json").read_text())
     assert report["replication"]["replication_rate"]["0.99"] == 1.0
+
+
+def test_blurred_two_sided_and_rejection_run(membership_assets, tmp_path, capsys):
+    """evaluate reports blurred replication, the two-sided attack and a rejection run, each
+    checked against the library called directly."""
+    from cpsample_fast.eval import blurred_replication, membership_inference
+    from cpsample_fast.models import load_unet
+    from cpsample_fast.protector import load_protector
+    from cpsample_fast.schedule import NoiseSchedule
+
+    d = membership_assets
+    rc = _attack(d, tmp_path / "ev", "members.npz", "--rejection-alpha", "0.01",
+                 "--rejection-steps", "3", "--rejection-budget", "12")  # fmt: skip
+    printed = capsys.readouterr().out
+    print(printed)
+    assert rc == 0
+    rep = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    members = torch.from_numpy(np.load(d / "members.npz")["images"])
+    want = blurred_replication(members, members, sigma=1.0, thresholds=(0.95, 0.97))
+    assert rep["replication_blurred"]["replication_rate"]["0.95"] == want.rates[0.95]
+    assert "blur sigma=1 px" in rep["replication_blurred"]["features"]
+    model, _ = load_unet(d / "unet.safetensors")
+    prot, _ = load_protector(d / "protector")
+    non = torch.from_numpy(np.load(d / "non.npz")["images"])
+    direct = membership_inference(model, members, non, NoiseSchedule(), timesteps=(10,),
+                                  protector=prot, scale=5.0, alpha=0.001)  # fmt: skip
+    m = rep["membership"][1]
+    assert m["threat_model"] == "eps_hat"
+    assert m["two_sided"]["auc"] == pytest.approx(direct.auc_two_sided)
+    assert m["two_sided"]["abs_z"] == pytest.approx(direct.abs_z)
+    assert "two-sided AUC=" in printed
+    rj = rep["rejection"]
+    assert rj["n_drawn"] >= rj["n_accepted"] and rj["params"]["alpha"] == 0.01
+    assert rj["model_evaluations"] == 3 * rj["n_drawn"]
+    assert "rejection sampling accepted" in printed

@@ -177,3 +177,78 @@ def test_guidance_range_switches_guidance_off_outside():
     assert err < 1e-6
     assert torch.equal(part[[0, 2]], plain[[0, 2]])
     assert not torch.allclose(full[0], plain[0])
+
+
+class MemberProtector(torch.nn.Module):
+    """Confident (|f| ≈ 6) next to the members only: guidance acts on members alone."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.register_buffer("m", members.flatten(1))
+
+    def forward(self, x, t):
+        d2 = torch.cdist(x.flatten(1), self.m).pow(2).min(1).values
+        return 6.0 * torch.exp(-d2 / 4.0)
+
+
+def _protected_scores_by_hand(model, prot, images, s, t, scale, alpha, seed):
+    """ε̂ reconstruction error of each image at one timestep, from the mode objective's
+    autograd gradient (repel: ∇ log q) and the documented Philox draws: independent of
+    denoiser_output and reconstruction_errors."""
+    from cpsample_fast.eval.membership import STREAM_MEMBERSHIP
+    from cpsample_fast.noise import philox_normal
+
+    a = s.alphas_cumprod[t]
+    out = []
+    for i in range(images.shape[0]):
+        e = philox_normal(seed, torch.tensor([i]), 0, STREAM_MEMBERSHIP, images.shape[1:])
+        xt = (a.sqrt() * images[i : i + 1] + (1 - a).sqrt() * e).requires_grad_(True)
+        tt = torch.tensor([t])
+        f = prot(xt, tt)
+        (g,) = torch.autograd.grad(torch.nn.functional.logsigmoid(f.abs()).sum(), xt)
+        m = float(torch.sigmoid(-f.abs()) < alpha)  # the gate, per image
+        eps_hat = model(xt.detach(), tt) + scale * (1 - a).sqrt() * m * g
+        out.append((e - eps_hat).pow(2).mean().item())
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_protected_attack_values_and_two_sided_strength():
+    """The ε̂ attack's scores, z, AUC and two-sided figures checked by value against a
+    hand computation — including a case where guidance flips the leak (AUC < 0.5)."""
+    from sklearn.metrics import roc_auc_score
+
+    from cpsample_fast.eval.membership import two_sided
+
+    s = NoiseSchedule()
+    torch.manual_seed(0)
+    members, nonmembers = torch.rand(9, 1, 4, 4) * 2 - 1, torch.rand(7, 1, 4, 4) * 2 - 1
+    model = EmpiricalDenoiser(members, s)
+    for prot, scale, alpha in (
+        (TinyProtector(16), 10.0, 0.5),
+        (MemberProtector(members), 1e5, 0.1),
+    ):
+        r = membership_inference(
+            model, members, nonmembers, s, timesteps=(50,), protector=prot, scale=scale,
+            alpha=alpha, seed=3,
+        )  # fmt: skip
+        em = _protected_scores_by_hand(model, prot, members, s, 50, scale, alpha, 3)
+        en = _protected_scores_by_hand(model, prot, nonmembers, s, 50, scale, alpha, 3 + 1_000_003)
+        assert torch.allclose(r.member_scores.double(), em, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(r.nonmember_scores.double(), en, rtol=1e-4, atol=1e-6)
+        se = math.sqrt(em.var() / 9 + en.var() / 7)
+        z = float(en.mean() - em.mean()) / se
+        auc = roc_auc_score([1] * 9 + [0] * 7, torch.cat([-em, -en]).numpy())
+        print(f"scale {scale}: z {r.z:.3f} (hand {z:.3f}), AUC {r.auc:.3f} (hand {auc:.3f})")
+        assert r.z == pytest.approx(z, rel=1e-3, abs=1e-3)
+        assert r.auc == pytest.approx(auc, abs=1e-9)
+        assert r.auc_two_sided == pytest.approx(max(auc, 1 - auc), abs=1e-9)
+        assert r.abs_z == pytest.approx(abs(z), rel=1e-3, abs=1e-3)
+        d = r.to_dict()
+        assert d["two_sided"]["auc"] == r.auc_two_sided and d["two_sided"]["abs_z"] == r.abs_z
+        assert d["two_sided"]["direction"] == ("members lower" if auc > 0.5 else "members higher")
+        assert d["per_timestep"][0]["auc_two_sided"] == pytest.approx(r.auc_two_sided)
+    # Strong guidance makes members reconstruct worse here: the one-sided AUC falls below 0.5
+    # and the two-sided figure reports the leak anyway.
+    assert r.auc < 0.5 and r.auc_two_sided > 0.5 and r.direction == "members higher"
+    assert two_sided(0.3, -2.0) == {"auc": 0.7, "abs_z": 2.0, "direction": "members higher"}
+    assert two_sided(0.5, 0.0)["direction"] == "none"

@@ -136,3 +136,54 @@ def test_bad_input():
         replication(train, train, features="dino")
     with pytest.raises(TypeError, match="tensor or numpy"):
         replication([1, 2], train)
+
+
+def test_gaussian_blur_against_explicit_kernel():
+    from cpsample_fast.eval import gaussian_blur
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 2, 9, 11)
+    sigma = 1.0
+    got = gaussian_blur(x, sigma)
+    # Independent form: the 2-D kernel as an outer product, reflect padding, one dense conv.
+    r = 3
+    o = np.arange(-r, r + 1)
+    k1 = np.exp(-0.5 * (o / sigma) ** 2)
+    k1 /= k1.sum()
+    k2 = np.outer(k1, k1)
+    xp = np.pad(x.double().numpy(), ((0, 0), (0, 0), (r, r), (r, r)), mode="reflect")
+    want = np.zeros(x.shape)
+    for i in range(x.shape[2]):
+        for j in range(x.shape[3]):
+            want[:, :, i, j] = (xp[:, :, i : i + 2 * r + 1, j : j + 2 * r + 1] * k2).sum((2, 3))
+    err = np.abs(got.double().numpy() - want).max()
+    print("max error vs explicit 2-D kernel:", err)
+    assert err < 1e-6
+    assert torch.allclose(gaussian_blur(torch.full((1, 1, 4, 4), 0.3), 2.0), torch.tensor(0.3))
+    assert torch.equal(gaussian_blur(x, 0.0), x)
+    with pytest.raises(ValueError, match="blur sigma"):
+        gaussian_blur(x, -1.0)
+
+
+def test_blurred_replication_catches_speckled_copies():
+    """A member plus strong speckle escapes the plain pixel-cosine audit but not the blurred
+    one; a genuinely different image is flagged by neither."""
+    from cpsample_fast.eval import blurred_replication
+
+    torch.manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    members = torch.stack(
+        [torch.sin(xx / (2 + k) + k) * torch.cos(yy / (3 + k)) for k in range(6)]
+    )[:, None]
+    speckled = members[:3] + 0.6 * torch.randn(3, 1, 16, 16)
+    novel = torch.stack([torch.cos(xx / 1.3 + yy / 2.1 + k) for k in range(3)])[:, None]
+    gen = torch.cat([speckled, novel])
+    plain = replication(gen, members, thresholds=(0.9,))
+    blurred = blurred_replication(gen, members, sigma=1.0, thresholds=(0.9,))
+    print("plain", plain.similarity, "blurred", blurred.similarity)
+    assert (plain.similarity[:3] < 0.9).all()
+    assert (blurred.similarity[:3] > 0.9).all()
+    assert (blurred.similarity[3:] < 0.9).all()
+    assert blurred.rates[0.9] == 0.5 and plain.rates[0.9] == 0.0
+    assert blurred.params["blur_sigma"] == 1.0 and "blur sigma=1 px" in blurred.features
+    assert blurred.nearest_index[:3].tolist() == [0, 1, 2]

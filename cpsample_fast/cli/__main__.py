@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "sample": "sample",
     "evaluate": "evaluate",
     "bench": "bench",
+    "tune": "tune",
 }
 
 

@@ -8,6 +8,14 @@ memory for replication). When the samples carry the per-sample audit record (gat
 confidence), it is joined with each sample's nearest-neighbour result into ``per_sample.npz`` and
 summarised under ``"audit"`` in ``evaluation.json``.
 
+Replication is reported plain and after a Gaussian blur of ``--blur-sigma`` pixels applied to
+the samples and the training images alike (near copies under light denoising; 0 turns it off).
+Membership results lead with the two-sided strength ``max(AUC, 1 − AUC)`` and ``|z|``. With
+``--rejection-alpha`` (needs ``--model`` and ``--protector``) a rejection-sampling run of the
+same model (``cps.eval.rejection_sample``: plain DDIM kept where the protector's gate stays
+shut) is drawn and evaluated beside the samples, with its acceptance rate and model evaluations
+per accepted image.
+
 Options that only make sense together with another one are refused (exit 2) when given
 without it, rather than silently ignored: the membership-attack options need ``--model``, the
 ε̂ options need ``--protector``, the quality options need ``--reference``.
@@ -41,6 +49,9 @@ _NEEDS = {
     "--alpha": ("alpha", "--protector"),
     "--mode": ("mode", "--protector"),
     "--quality-features": ("quality_features", "--reference"),
+    "--rejection-alpha": ("rejection_alpha", "--protector"),
+    "--rejection-budget": ("rejection_budget", "--rejection-alpha"),
+    "--rejection-steps": ("rejection_steps", "--rejection-alpha"),
     "--inception-weights": ("inception_weights", "--reference"),
 }
 
@@ -129,6 +140,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         + " ".join(map(str, DEFAULT_TIMESTEPS))
         + ")",
     )
+    p.add_argument(
+        "--blur-sigma",
+        type=float,
+        default=1.0,
+        help="also report replication after a Gaussian blur of this many pixels on samples and "
+        "training images alike (default 1; 0 = off)",
+    )
+    p.add_argument(
+        "--rejection-alpha",
+        type=float,
+        default=None,
+        help="also draw and evaluate a rejection-sampling run at this alpha, as many samples as "
+        "--samples holds (needs --protector)",
+    )
+    p.add_argument(
+        "--rejection-budget",
+        type=int,
+        default=None,
+        help="draw budget of the rejection run (default 4 x its samples)",
+    )
+    p.add_argument(
+        "--rejection-steps", type=int, default=None, help="DDIM steps of the rejection run (50)"
+    )
     p.add_argument("--out", default="evaluation", help="output folder")
 
 
@@ -187,6 +221,7 @@ def check_option_dependencies(args) -> None:
             "--model": "the membership attack",
             "--protector": "the attack through ε̂",
             "--reference": "the quality metrics",
+            "--rejection-alpha": "the rejection-sampling run",
         }
         parts = [
             f"{', '.join(opts)} only {'apply' if len(opts) > 1 else 'applies'} to "
@@ -199,7 +234,14 @@ def check_option_dependencies(args) -> None:
 def main(args) -> int:
     import torch
 
-    from ..eval import membership_inference, quality, replication, save_pairs_grid
+    from ..eval import (
+        blurred_replication,
+        membership_inference,
+        quality,
+        rejection_sample,
+        replication,
+        save_pairs_grid,
+    )
     from ..eval.membership import save_roc
     from ..io import write_json_atomic
     from ..sample_audit import (
@@ -235,16 +277,25 @@ def main(args) -> int:
         if audit is not None:
             report["audit"] = audit_summary(rep, audit)
             save_per_sample(out / "per_sample.npz", rep, audit)
+        if not args.blur_sigma >= 0:
+            raise ValueError(f"--blur-sigma must be >= 0 pixels, got {args.blur_sigma}")
+        if args.blur_sigma > 0:
+            if samples is None:
+                samples = load_sharded_samples(args.samples)
+            report["replication_blurred"] = blurred_replication(
+                samples, train, sigma=args.blur_sigma, thresholds=args.thresholds
+            ).to_dict()
+        features = None
         if args.reference:
             if samples is None:
                 samples = load_sharded_samples(args.samples)
             ref = load_images(args.reference, **real)
-            q = quality(
-                samples,
-                ref,
-                features=args.quality_features or DEFAULT_QUALITY_FEATURES,
-                inception_weights=args.inception_weights,
-            )
+            features = args.quality_features or DEFAULT_QUALITY_FEATURES
+            if features == "trained":  # one feature net for the samples and a rejection run
+                from ..eval import train_feature_net
+
+                features = train_feature_net(ref)
+            q = quality(samples, ref, features=features, inception_weights=args.inception_weights)
             report["quality"] = q.to_dict()
         if args.model:
             from .sample import load_eps_model
@@ -283,6 +334,42 @@ def main(args) -> int:
                 )
             save_roc(results, out / "roc.png")
             report["membership"] = [r.to_dict() for r in results]
+            if args.rejection_alpha is not None:
+                steps = args.rejection_steps or 50
+                if samples is None:
+                    samples = load_sharded_samples(args.samples)
+                n = int(samples.shape[0])
+                rej = rejection_sample(
+                    model,
+                    prot,
+                    schedule,
+                    n,
+                    alpha=args.rejection_alpha,
+                    num_inference_steps=steps,
+                    sample_shape=tuple(samples.shape[1:]),
+                    max_draws=args.rejection_budget or 4 * n,
+                    progress=True,
+                )
+                rd = rej.to_dict()
+                rd["membership_note"] = (
+                    "rejection leaves the denoiser unchanged: the attack through eps applies"
+                )
+                if rej.n_accepted:
+                    rd["replication"] = replication(
+                        rej.samples, train, thresholds=args.thresholds
+                    ).to_dict()
+                    if args.blur_sigma > 0:
+                        rd["replication_blurred"] = blurred_replication(
+                            rej.samples, train, sigma=args.blur_sigma, thresholds=args.thresholds
+                        ).to_dict()
+                    if args.reference and rej.n_accepted >= 2:
+                        rd["quality"] = quality(
+                            rej.samples,
+                            ref,
+                            features=features,
+                            inception_weights=args.inception_weights,
+                        ).to_dict()
+                report["rejection"] = rd
     except (ValueError, FileNotFoundError, TypeError, ImportError) as err:  # ShardError too
         print(f"cpsample evaluate: {err}", file=sys.stderr)
         return 2
@@ -295,6 +382,10 @@ def main(args) -> int:
         f"{r['similarity_mean']:.4f}, max {r['similarity_max']:.4f}; Carlini rate "
         f"{r['carlini']['rate']:.1%}"
     )
+    if "replication_blurred" in report:
+        rb = report["replication_blurred"]
+        rates = ", ".join(f">{k}: {v:.1%}" for k, v in rb["replication_rate"].items())
+        print(f"replication ({rb['features']}): {rates}")
     if "quality" in report:
         q = report["quality"]
         print(
@@ -302,10 +393,14 @@ def main(args) -> int:
             f"[{q['feature_space']}]"
         )
     for m in report.get("membership", []):
+        ts = m["two_sided"]
         print(
-            f"membership via {m['threat_model']}: z={m['z']:.2f} p={m['p_value']:.2e} "
-            f"AUC={m['auc']:.3f} TPR@1%FPR={m['tpr_at_1pct_fpr']:.3f}"
+            f"membership via {m['threat_model']}: two-sided AUC={ts['auc']:.3f} "
+            f"|z|={ts['abs_z']:.2f} ({ts['direction']}); one-sided z={m['z']:.2f} "
+            f"p={m['p_value']:.2e} AUC={m['auc']:.3f} TPR@1%FPR={m['tpr_at_1pct_fpr']:.3f}"
         )
+    if "rejection" in report:
+        print(report["rejection"]["message"])
     print(f"wrote {out / 'evaluation.json'}")
     print(json.dumps({"seconds": round(report["seconds"], 2)}))
     return 0

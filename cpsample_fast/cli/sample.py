@@ -62,6 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--mode", default="repel", choices=["repel", "attract", "entropy"])
     p.add_argument("--seed", type=A.seed, default=0, help="noise seed in [0, 2**64)")
+    p.add_argument(
+        "--settings",
+        help="settings JSON from `cpsample tune`: its mode/alpha/scale/guidance range/steps/eta "
+        "replace those options; refused unless tuned for this --model and --protector",
+    )
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "cpp", "torch"])
     p.add_argument("--compile", action="store_true", help="torch.compile the whole step")
     p.add_argument("--bf16", action="store_true", help="run both models in bfloat16")
@@ -178,6 +183,10 @@ def _run(args, info, device) -> int:
         protector, meta = load_protector(args.protector, device=device)
         if meta.get("schedule") and not _same_schedule(meta["schedule"], schedule):
             _warn("the protector was trained with a different noise schedule")
+    if args.settings:
+        if protector is None:
+            raise ValueError("--settings needs --protector (the settings are tuned for one)")
+        _apply_settings(args, eps_model, protector, meta)
     dtype = torch.bfloat16 if args.bf16 else None
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     for m in (eps_model, protector):
@@ -188,6 +197,7 @@ def _run(args, info, device) -> int:
         eps_model,
         protector,
         schedule,
+        guidance_range=getattr(args, "guidance_range", None),
         num_inference_steps=args.steps,
         eta=args.eta,
         scale=args.scale if protector is not None else 0.0,
@@ -286,6 +296,8 @@ def _sample_and_merge(
             "scale": sampler.scale,
             "alpha": args.alpha,
             "mode": args.mode,
+            "guidance_range": getattr(args, "guidance_range", None),
+            "settings": args.settings,
             "seed": args.seed,
             "backend": args.backend,
             "compile": args.compile,
@@ -449,6 +461,22 @@ def check_protector_fits(protector, shape_chw: tuple[int, int, int]) -> None:
         )
 
 
+def _apply_settings(args, eps_model, protector, protector_meta) -> None:
+    """Replace the sampler options by a tuned settings file's, after checking its identity
+    (before any dtype / layout change: the hashes are of the weights as loaded)."""
+    from ..settings import load_settings
+
+    s = load_settings(
+        args.settings, eps_model=eps_model, protector=protector, protector_meta=protector_meta
+    )["sampler"]
+    args.mode, args.alpha, args.scale = s["mode"], s["alpha"], s["scale"]
+    args.steps, args.eta, args.guidance_range = (
+        s["num_inference_steps"],
+        s["eta"],
+        s["guidance_range"],
+    )
+
+
 def _file_stamp(path: Path) -> list:
     """Identity of a model file or folder for the resume manifest: (name, size, mtime) of each
     file, cheap even for multi-GB weights."""
@@ -465,6 +493,8 @@ def _manifest(args, shape_chw) -> dict:
     for k in ("class_labels", "prompt", "negative_prompt", "guidance_scale"):
         if getattr(args, "prompt", None) or (k == "class_labels" and args.class_labels):
             manifest[k] = getattr(args, k)  # only when used: old manifests stay valid
+    if getattr(args, "guidance_range", None) is not None:
+        manifest["guidance_range"] = list(args.guidance_range)
     manifest["shape"] = list(shape_chw)
     if args.use_clipped_model_output:  # only when set: earlier runs' manifests stay valid
         manifest["use_clipped_model_output"] = True

@@ -7,6 +7,11 @@ steps 2–5). Members of an overfitted model reconstruct better (lower score). T
 the paper's Table 3 form — a one-sided two-sample z test of "members have lower error" — plus
 ROC AUC and the TPR at 1% FPR.
 
+Headline strength, two-sided: ``max(AUC, 1 − AUC)`` and ``|z|``. A denoiser (e.g. CPSample's ε̂
+with strong guidance) can make members reconstruct *worse* than non-members; the one-sided test
+then reports "no leak" (AUC < 0.5, z < 0) while an attacker who flips the score separates them
+just as well. ``MembershipResult.auc_two_sided`` / ``abs_z`` / ``direction`` report that.
+
 Threat models (every result names its own):
 
 - ``"eps"``: white-box access to the raw denoiser ε(x_t, t) (weights or a query oracle at chosen
@@ -192,6 +197,16 @@ def z_test(member: torch.Tensor, nonmember: torch.Tensor) -> tuple[float, float]
     return z, p
 
 
+def two_sided(auc: float, z: float) -> dict:
+    """The attack's strength whichever way round it separates: ``max(AUC, 1 − AUC)``, ``|z|``.
+
+    ``direction`` says which way: ``"members lower"`` (the usual leak: members reconstruct
+    better), ``"members higher"`` (flipped: the score still leaks membership) or ``"none"``.
+    """
+    direction = "members lower" if auc > 0.5 else "members higher" if auc < 0.5 else "none"
+    return {"auc": max(auc, 1.0 - auc), "abs_z": abs(z), "direction": direction}
+
+
 def roc(
     member: torch.Tensor, nonmember: torch.Tensor
 ) -> tuple[np.ndarray, np.ndarray, float, float]:
@@ -225,6 +240,8 @@ class MembershipResult:
         per_timestep: the same statistics at each timestep alone.
         fpr, tpr: ROC curve points.
         params: denoiser settings (scale, α, mode for ``eps_hat``).
+
+    The headline figures are the two-sided :attr:`auc_two_sided` and :attr:`abs_z`.
     """
 
     threat_model: str
@@ -241,9 +258,25 @@ class MembershipResult:
     tpr: np.ndarray | None = None
     params: dict = field(default_factory=dict)
 
+    @property
+    def auc_two_sided(self) -> float:
+        """``max(AUC, 1 − AUC)``: 0.5 = no separation either way, 1 = perfect."""
+        return max(self.auc, 1.0 - self.auc)
+
+    @property
+    def abs_z(self) -> float:
+        """``|z|``: the two-sided strength of the z statistic."""
+        return abs(self.z)
+
+    @property
+    def direction(self) -> str:
+        """``"members lower"``, ``"members higher"`` (flipped leak) or ``"none"``."""
+        return two_sided(self.auc, self.z)["direction"]
+
     def to_dict(self) -> dict:
-        """JSON-able summary (scores summarised, not listed)."""
+        """JSON-able summary (scores summarised, not listed); ``two_sided`` is the headline."""
         return {
+            "two_sided": two_sided(self.auc, self.z),
             "threat_model": self.threat_model,
             "threat_model_text": self.threat_model_text,
             "timesteps": self.timesteps,
@@ -315,7 +348,17 @@ def membership_inference(
     for k, t in enumerate(timesteps):
         z, p = z_test(em[:, k], en[:, k])
         _, _, auc, tpr1 = roc(em[:, k], en[:, k])
-        per.append({"t": int(t), "z": z, "p_value": p, "auc": auc, "tpr_at_1pct_fpr": tpr1})
+        per.append(
+            {
+                "t": int(t),
+                "z": z,
+                "p_value": p,
+                "auc": auc,
+                "tpr_at_1pct_fpr": tpr1,
+                "auc_two_sided": max(auc, 1.0 - auc),
+                "abs_z": abs(z),
+            }
+        )
     ms, ns = em.mean(1), en.mean(1)
     z, p = z_test(ms, ns)
     fpr, tpr, auc, tpr1 = roc(ms, ns)
