@@ -18,6 +18,8 @@ NOISE_DRAW = 2  # drawn in the kernel from the counter-based Philox stream
 
 # Seeds are 64-bit Philox keys: every seed argument lies in [0, SEED_LIMIT).
 SEED_LIMIT = 2**64
+# Sample indices (sample_offset + b) fill the 32-bit counter word c1: [0, SAMPLE_INDEX_LIMIT).
+SAMPLE_INDEX_LIMIT = 2**32
 
 # Philox4x32-10 (Salmon et al. 2011; identical to triton.language.random and Random123).
 PHILOX_ROUND_A = 0xD2511F53

@@ -58,8 +58,11 @@ def check_images(
             f"{name} is empty (shape {tuple(images.shape)}): need a non-empty [N, C, H, W] batch"
         )
     if not bool(torch.isfinite(images).all()):
-        bad = int((~torch.isfinite(images)).sum())
-        raise ValueError(f"{name} contains {bad} NaN or infinite values")
+        bad = ~torch.isfinite(images.flatten(1))
+        first = bad.any(1).nonzero().flatten()[:5].tolist()
+        raise ValueError(
+            f"{name} contains NaN or inf ({int(bad.sum())} values; first bad images: {first})"
+        )
     if value_range is None:
         return images.float()
     lo_ok, hi_ok = value_range

@@ -117,7 +117,3 @@ def vjp_seed(
     w = mode_weight(f, mode)
     c = scale_t * m.to(f.dtype) * w * torch.sign(f)
     return c, q, m
-
-
-# The name eval/membership.py still imports; to be dropped when that module moves to vjp_seed.
-guidance_seed = vjp_seed

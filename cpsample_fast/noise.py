@@ -34,6 +34,7 @@ from .constants import (
     PHILOX_ROUND_A,
     PHILOX_ROUND_B,
     PHILOX_ROUNDS,
+    SAMPLE_INDEX_LIMIT,
     STREAM_INITIAL,
     STREAM_MEMBERSHIP,  # noqa: F401  (re-exported: noise.STREAM_* names every stream)
     STREAM_STEP,
@@ -227,7 +228,7 @@ def _sample_indices(
     batch: int, sample_offset: IntLike, device: torch.device | str | None
 ) -> torch.Tensor:
     """``sample_offset + arange(batch)`` as int64 ``[B]``."""
-    _check_int_like("sample_offset", sample_offset, lo=0, hi=2**32)
+    _check_int_like("sample_offset", sample_offset, lo=0, hi=SAMPLE_INDEX_LIMIT)
     return torch.arange(batch, dtype=torch.int64, device=device) + sample_offset
 
 

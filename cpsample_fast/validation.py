@@ -7,6 +7,7 @@ input fails before any model or kernel runs (docs/ALGORITHM.md §3, issue "Bad i
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -15,17 +16,27 @@ from .constants import SEED_LIMIT
 from .guidance import MODES, check_alpha
 
 
+def _as_int(value, error: Exception) -> int:
+    """``value`` as a Python int if it is integral (int, numpy or 0-dim tensor int, not bool)."""
+    if isinstance(value, bool):
+        raise error
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise error from None
+
+
 def check_int(name: str, value, lo: int = 1) -> int:
-    """A Python int (not a bool) ``>= lo``; ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+    """An integer (not a bool) ``>= lo`` as a Python int; ValueError naming ``name`` otherwise."""
+    value = _as_int(value, ValueError(f"{name} must be an int >= {lo}, got {value!r}"))
+    if value < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
     return value
 
 
 def check_seed(name: str, value) -> int:
-    """A seed: a Python int in ``[0, 2**64)`` (a 64-bit Philox key), everywhere in the package."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
+    """A seed: an integer in ``[0, 2**64)`` (a 64-bit Philox key), everywhere in the package."""
+    value = _as_int(value, TypeError(f"{name} must be an int, got {value!r}"))
     if not 0 <= value < SEED_LIMIT:
         raise ValueError(f"{name} must be in [0, 2**64), got {value}")
     return value
