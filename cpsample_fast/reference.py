@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import noise as _noise
-from .adapters import ModelCaller
+from .model_caller import ModelCaller
 from .solvers import check_solver, dpm_first_order, dpm_sigmas, dpm_timesteps
 from .trace import SamplingTrace
 from .validation import (

@@ -16,9 +16,9 @@ import torch
 
 from . import noise as _noise
 from . import ops
-from .adapters import ModelCaller
 from .constants import PREDICTION_TYPE_IDS, SAMPLE_INDEX_LIMIT
 from .guidance import mode_id
+from .model_caller import ModelCaller
 from .solvers import check_solver, dpm_coef_table, dpm_timesteps
 from .trace import SamplingTrace
 from .validation import (

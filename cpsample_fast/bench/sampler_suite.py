@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..adapters import ModelCaller
+from ..model_caller import ModelCaller
 from ..reference import reference_sample
 from .configs import BenchConfig, build_models, convert_model, default_schedule
 from .memory import peak_memory_mib, reset_peak_memory

@@ -42,9 +42,9 @@ import warnings
 
 import torch
 
-from ..adapters import ModelCaller
 from ..constants import PREDICTION_TYPES
 from ..guidance import check_alpha, mode_id, vjp_seed
+from ..model_caller import ModelCaller
 from ..trace import SamplingTrace
 
 # scheduler class name -> where its sample lives (see the module docstring)
