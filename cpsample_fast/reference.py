@@ -28,7 +28,7 @@ from .validation import (
 )
 
 
-def _objective(f: torch.Tensor, mode: str) -> torch.Tensor:
+def objective(f: torch.Tensor, mode: str) -> torch.Tensor:
     """Per-sample objective whose x-gradient is the mode's guidance g (docs/ALGORITHM.md §3 step 4).
 
     repel: ``log q``; attract: ``-log(1 - q)``; entropy: ``-H(r)``, with ``q = sigmoid(|f|)``.
@@ -193,7 +193,7 @@ def reference_sample(
                     trace.confidence[k] = torch.maximum(r, 1 - r).detach().float()
                     trace.gate[k] = m
                 if m.any():
-                    (g,) = torch.autograd.grad(_objective(f, mode).sum(), x_in)
+                    (g,) = torch.autograd.grad(objective(f, mode).sum(), x_in)
                     mask = m.to(dtype).view(B, 1, 1, 1)
                     guidance = scale * b_t ** (0.5) * mask * g.to(dtype)
 
@@ -299,7 +299,7 @@ def _reference_dpmsolver(
                     trace.confidence[k] = torch.maximum(r, 1 - r).detach().float()
                     trace.gate[k] = m
                 if m.any():
-                    (g,) = torch.autograd.grad(_objective(f, mode).sum(), x_in)
+                    (g,) = torch.autograd.grad(objective(f, mode).sum(), x_in)
                     mask = m.to(dtype).view(B, 1, 1, 1)
                     guidance = scale * sigma_s * mask * g.to(dtype)
                     # 6. ε̂ = ε + G moves x̂0 by -(σ_t/α_t)·G

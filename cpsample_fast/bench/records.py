@@ -78,8 +78,13 @@ def versions() -> str:
 
 
 def git_commit(repo: str | os.PathLike | None = None) -> str:
-    """Short commit of the checkout holding this package (``+dirty`` when modified), or unknown."""
-    root = Path(repo) if repo is not None else Path(__file__).resolve().parents[2]
+    """Short commit of the git checkout at ``repo`` (default: the working directory, where the
+    user runs the benchmark), ``+dirty`` when modified, or ``unknown`` outside a checkout.
+
+    Not the package's own location: an installed wheel has no git history, so the commit that
+    identifies a run is the one of the project the user is measuring from.
+    """
+    root = Path(repo) if repo is not None else Path.cwd()
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
