@@ -115,7 +115,8 @@ def run_update_bench(
     """Time the copy ceiling and each backend of the fused update at each size.
 
     Each backend's output is also checked against the torch specification
-    (``ops.guided_update_spec``) on the same inputs: a mismatch is recorded in ``errors`` (the timing is kept).
+    (``ops.guided_update_spec``) on the same inputs: a mismatch is recorded in ``errors`` (the
+    timing is kept).
 
     Args:
         settings: what to measure.

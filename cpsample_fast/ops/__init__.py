@@ -6,7 +6,8 @@
 
 ``guided_update_spec`` is the plain-PyTorch function the kernels are tested against (no op,
 no checks: what ``torch.compile`` inlines). Each op dispatches to a backend ("torch", "triton",
-"cpp", "cuda"; "auto" picks the best available, see ``available_backends``). Importing this package registers the ops.
+"cpp", "cuda"; "auto" picks the best available, see ``available_backends``). Importing this
+package registers the ops.
 """
 
 from ..constants import PREDICTION_TYPE_IDS
