@@ -249,6 +249,31 @@ def _as_latents(latents, name: str) -> torch.Tensor:
     return check_images(latents, name, value_range=None)
 
 
+def _final_report(
+    net: nn.Module, x, labels, h, ac, fingerprint, label_seed: int, seed: int, training: dict,
+    *, bins: int, max_images: int,
+) -> ProtectorReport:  # fmt: skip
+    """Evaluation after training: member (and hold-out) accuracy and confidence per noise bin."""
+    T = int(ac.shape[0])
+    edges = timestep_bins(0, T, bins)
+    k = max_images
+    member = evaluate_protector(net, x[:k], labels[:k], ac, edges, seed=(seed + 2) % 2**64)
+    hold = (
+        None
+        if h is None
+        else evaluate_protector(net, h[:k], None, ac, edges, seed=(seed + 3) % 2**64)
+    )
+    return ProtectorReport(
+        labels=labels,
+        fingerprint=fingerprint,
+        label_seed=label_seed,
+        t_edges=edges,
+        member=member,
+        holdout=hold,
+        training=training,
+    )
+
+
 def train_protector(
     images,
     *,
@@ -529,14 +554,6 @@ def train_protector(
     seconds = time.perf_counter() - started
     net.eval()
 
-    edges = timestep_bins(0, T, report_bins)
-    k = report_max_images
-    member = evaluate_protector(net, x[:k], labels[:k], ac, edges, seed=(seed + 2) % 2**64)
-    hold = (
-        None
-        if h is None
-        else evaluate_protector(net, h[:k], None, ac, edges, seed=(seed + 3) % 2**64)
-    )
     training = {
         "steps": steps,
         "steps_run": step,
@@ -553,13 +570,8 @@ def train_protector(
         "schedule": schedule_config,
         "settings": identity,
     }
-    report = ProtectorReport(
-        labels=labels,
-        fingerprint=fingerprint,
-        label_seed=label_seed,
-        t_edges=edges,
-        member=member,
-        holdout=hold,
-        training=training,
-    )
+    report = _final_report(
+        net, x, labels, h, ac, fingerprint, label_seed, seed, training,
+        bins=report_bins, max_images=report_max_images,
+    )  # fmt: skip
     return net, report
