@@ -27,6 +27,8 @@ import torch
 
 SETTINGS_FORMAT = "cpsample-guidance-settings/1"
 SAMPLER_KEYS = ("mode", "alpha", "scale", "guidance_range", "num_inference_steps", "eta")
+# Optional keys, with the value files written before them mean.
+SAMPLER_DEFAULTS = {"solver": "ddim"}
 
 
 def module_sha256(module) -> str:
@@ -69,6 +71,7 @@ def _check_sampler(d: Mapping[str, Any]) -> dict:
         "guidance_range": None if gr is None else (int(gr[0]), int(gr[1])),
         "num_inference_steps": int(d["num_inference_steps"]),
         "eta": float(d["eta"]),
+        "solver": str(d.get("solver", SAMPLER_DEFAULTS["solver"])),
     }
 
 
@@ -178,4 +181,4 @@ def load_settings(
 def sampler_kwargs(settings: Mapping[str, Any]) -> dict:
     """``CPSampler`` keyword arguments from a (loaded) settings dict."""
     s = settings["sampler"]
-    return {k: s[k] for k in SAMPLER_KEYS}
+    return {k: s.get(k, SAMPLER_DEFAULTS.get(k)) for k in (*SAMPLER_KEYS, *SAMPLER_DEFAULTS)}

@@ -404,6 +404,7 @@ def tune_guidance(
     alphas: Sequence[float] = (0.3, 0.4, 0.45, 0.5),
     scales: Sequence[float] = (300.0, 1000.0, 3000.0, 8000.0),
     guidance_ranges: Sequence[tuple[int, int] | None] = (None,),
+    samplers: Sequence[tuple[str, int]] | None = None,
     num_inference_steps: int = 50,
     eta: float = 0.0,
     seeds: Sequence[int] = (0, 1),
@@ -434,7 +435,11 @@ def tune_guidance(
         protector_meta: ``load_protector``'s metadata: the protector must have been trained on
             ``members`` (fingerprint), and the settings file records the fingerprint.
         modes, alphas, scales, guidance_ranges: the grid.
-        num_inference_steps, eta: DDIM options (not searched).
+        samplers: ``(solver, steps)`` pairs searched too, e.g.
+            ``[("ddim", 50), ("dpmsolver++", 8)]`` (default: DDIM at ``num_inference_steps``);
+            each row records its solver, steps and model evaluations per image.
+        num_inference_steps, eta: the DDIM baseline's steps (also the default sampler) and η
+            (η > 0 only with DDIM).
         seeds: search seeds; holdout_seeds: seeds for the honest re-score (disjoint).
         holdout_samples: samples per held-out seed (default: the final search pool per seed).
         rounds: successive-halving rounds.
@@ -455,6 +460,7 @@ def tune_guidance(
     from .protector import verify_protector
     from .sampler import CPSampler
     from .settings import make_settings
+    from .solvers import solver_timesteps
 
     log = log or (lambda m: print(f"[tune] {m}", file=sys.stderr, flush=True))
     if targets is None:
@@ -503,7 +509,9 @@ def tune_guidance(
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     ranges = [None if g is None else (int(g[0]), int(g[1])) for g in guidance_ranges]
     alphas_f, scales_f = [float(a) for a in alphas], [float(s) for s in scales]
-    grid = list(itertools.product(modes, alphas_f, scales_f, ranges))
+    samplers = _check_samplers(samplers, num_inference_steps, eta)
+    guidance = itertools.product(modes, alphas_f, scales_f, ranges)
+    grid = [(*g, *s) for g in guidance for s in samplers]
     # Successive halving: round r scores ceil(len / 3**r) candidates with n0 more per seed.
     sizes = [max(1, math.ceil(len(grid) / 3**r)) for r in range(rounds)]
     per_unit = len(seeds) * (sum(sizes) + rounds)  # candidates + the DDIM baseline each round
@@ -522,12 +530,13 @@ def tune_guidance(
     non = ref[: min(n_nonmembers, ref.shape[0])]
     blurred_limit = targets.blurred_factor * scorer.real_blurred_rate + targets.blurred_margin
 
-    def draw(scale, mode, alpha, grange, seed, offset, n):
+    def draw(scale, mode, alpha, grange, seed, offset, n, solver="ddim", steps=None):
         sampler = CPSampler(
             eps_model,
             protector if scale else None,
             schedule,
-            num_inference_steps=num_inference_steps,
+            num_inference_steps=steps or num_inference_steps,
+            solver=solver,
             eta=eta,
             scale=scale,
             alpha=alpha,
@@ -548,8 +557,8 @@ def tune_guidance(
         )  # fmt: skip
         return r
 
-    def guided_steps(grange):
-        ts = schedule.timesteps(num_inference_steps)
+    def guided_steps(grange, solver="ddim", steps=None):
+        ts = solver_timesteps(schedule, steps or num_inference_steps, solver)
         if grange is None:
             return len(ts)
         return int(((ts >= grange[0]) & (ts <= grange[1])).sum())
@@ -568,21 +577,24 @@ def tune_guidance(
         ddim = scorer.score(torch.cat([ddim_pool[s] for s in seeds]))
         scored = []
         for i, cand in enumerate(alive):
-            mode, alpha, scale, grange = cand
+            mode, alpha, scale, grange, solver, steps = cand
             pool = pools.setdefault(cand, {s: torch.empty((0, *shape)) for s in seeds})
             for s in seeds:
-                pool[s] = torch.cat([pool[s], draw(scale, mode, alpha, grange, s, n_have, n0)])
+                more = draw(scale, mode, alpha, grange, s, n_have, n0, solver, steps)
+                pool[s] = torch.cat([pool[s], more])
                 total_drawn += n0
             sc = scorer.score(torch.cat([pool[s] for s in seeds]))
-            if cand not in attacks:
-                attacks[cand] = attack(mode, alpha, scale, grange)
-            a = attacks[cand]
-            row = _row(rnd, cand, sc, ddim, a, blurred_limit, num_inference_steps,
-                       guided_steps(grange))  # fmt: skip
+            key = cand[:4]  # the attack queries ε̂ of one step: the solver plays no part
+            if key not in attacks:
+                attacks[key] = attack(mode, alpha, scale, grange)
+            a = attacks[key]
+            row = _row(rnd, cand, sc, ddim, a, blurred_limit, steps,
+                       guided_steps(grange, solver, steps))  # fmt: skip
             row["met"] = not any(shortfalls(row, targets).values())
             scored.append(row)
             log(
-                f"round {rnd + 1}/{rounds} [{i + 1}/{len(alive)}] {mode} α={alpha:g} s={scale:g}"
+                f"round {rnd + 1}/{rounds} [{i + 1}/{len(alive)}] {solver}-{steps} {mode} "
+                f"α={alpha:g} s={scale:g}"
                 f"{'' if grange is None else f' range={grange}'}: cut "
                 f"{100 * row['replication_cut']:.1f}%, blurred {100 * row['blurred_rate']:.1f}%, "
                 f"FD ratio {row['frechet_ratio']:.2f}, AUC2 {row['membership_auc']:.3f} "
@@ -592,7 +604,7 @@ def tune_guidance(
         scored.sort(key=lambda r: _rank_key(r, targets))
         if rnd + 1 < rounds:
             keep = sizes[rnd + 1]
-            alive = [(r["mode"], r["alpha"], r["scale"], _grange(r)) for r in scored[:keep]]
+            alive = [_cand(r) for r in scored[:keep]]
     best, unmet, unreachable = recommend(rows, targets, final_round=rounds - 1)
     search_info = {
         "seeds": seeds,
@@ -613,11 +625,12 @@ def tune_guidance(
     }
 
     # Honest re-score on seeds the search never saw: DDIM, CPSample and rejection at the same α.
-    cand = (best["mode"], best["alpha"], best["scale"], _grange(best))
+    cand = _cand(best)
     nh = int(holdout_samples or rounds * n0)
     log(f"re-scoring the recommendation on held-out seeds {holdout_seeds} ({nh} per seed)")
     xd = torch.cat([draw(0.0, "repel", 0.5, None, s, 0, nh) for s in holdout_seeds])
-    xc = torch.cat([draw(best["scale"], best["mode"], best["alpha"], _grange(best), s, 0, nh)
+    xc = torch.cat([draw(best["scale"], best["mode"], best["alpha"], _grange(best), s, 0, nh,
+                         best["solver"], best["num_inference_steps"])
                     for s in holdout_seeds])  # fmt: skip
     hd, hc = scorer.score(xd), scorer.score(xc)
     eps_attack = membership_inference(eps_model, mem, non, schedule, timesteps=attack_timesteps)
@@ -630,10 +643,10 @@ def tune_guidance(
             cand,
             hc,
             hd,
-            attacks[cand],
+            attacks[cand[:4]],
             blurred_limit,
-            num_inference_steps,
-            guided_steps(_grange(best)),
+            best["num_inference_steps"],
+            guided_steps(_grange(best), best["solver"], best["num_inference_steps"]),
         ),  # fmt: skip
     }
     holdout["cpsample"]["met"] = not any(shortfalls(holdout["cpsample"], targets).values())
@@ -669,8 +682,9 @@ def tune_guidance(
             "alpha": best["alpha"],
             "scale": best["scale"],
             "guidance_range": best["guidance_range"],
-            "num_inference_steps": num_inference_steps,
+            "num_inference_steps": best["num_inference_steps"],
             "eta": eta,
+            "solver": best["solver"],
         },
         eps_model,
         protector,
@@ -719,6 +733,37 @@ _SCORE_KEYS = (
 )  # fmt: skip
 
 
+def _check_samplers(samplers, num_inference_steps, eta) -> list[tuple[str, int]]:
+    """The ``(solver, steps)`` pairs of the search, checked before any sampling."""
+    from .solvers import SOLVERS
+
+    pairs = [("ddim", int(num_inference_steps))] if samplers is None else list(samplers)
+    if not pairs:
+        raise ValueError("samplers must be a non-empty list of (solver, steps) pairs")
+    out = []
+    for pair in pairs:
+        try:
+            solver, steps = pair
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"samplers entries must be (solver, steps) pairs, got {pair!r}"
+            ) from None
+        if solver not in SOLVERS:
+            raise ValueError(f"samplers: solver must be one of {SOLVERS}, got {solver!r}")
+        if isinstance(steps, bool) or int(steps) != steps or int(steps) < 1:
+            raise ValueError(f"samplers: steps must be an int >= 1, got {steps!r}")
+        if solver != "ddim" and eta:
+            raise ValueError(f"samplers: {solver} is deterministic, it needs eta = 0 (got {eta})")
+        out.append((solver, int(steps)))
+    return out
+
+
+def _cand(row):
+    """The search candidate of a result row."""
+    return (row["mode"], row["alpha"], row["scale"], _grange(row), row["solver"],
+            row["num_inference_steps"])  # fmt: skip
+
+
 def _grange(row):
     g = row["guidance_range"]
     return None if g is None else (int(g[0]), int(g[1]))
@@ -729,13 +774,17 @@ def _cut(rate, base):
 
 
 def _row(rnd, cand, sc, ddim, attack, blurred_limit, steps, guided) -> dict:
-    mode, alpha, scale, grange = cand if cand is not None else ("ddim", None, 0.0, None)
+    mode, alpha, scale, grange, solver, _ = (
+        cand if cand is not None else ("ddim", None, 0.0, None, "ddim", steps)
+    )
     return {
         "round": rnd,
         "mode": mode,
         "alpha": alpha,
         "scale": scale,
         "guidance_range": None if grange is None else list(grange),
+        "solver": solver,
+        "num_inference_steps": steps,
         **sc,
         "replication_cut": _cut(sc["replication_rate"], ddim["replication_rate"]),
         "blurred_limit": blurred_limit,

@@ -190,3 +190,38 @@ def test_tune_cli_bad_input(tiny, tmp_path, capsys):
     assert "too small" in capsys.readouterr().err
     assert main([*base, "--members", str(d / "members.npz"), "--target-cut", "2"]) == 2
     assert "targets out of range" in capsys.readouterr().err
+
+
+def test_tune_searches_solver_and_step_count(tiny, tmp_path):
+    """`samplers` adds (solver, steps) to the grid: rows record them and their cost, and the
+    recommendation's solver reaches the settings file and the sampler it drives."""
+    d, model, prot, meta, members, reference = tiny
+    s = NoiseSchedule()
+    kw = dict(KW, scales=(50.0,), rounds=1, samplers=(("ddim", 4), ("dpmsolver++", 3)))
+    res = tune_guidance(model, prot, s, members, reference, budget=40, protector_meta=meta,
+                        targets={"replication_cut": 0.0, "frechet_ratio": 100.0,
+                                 "membership_auc": 1.0, "blurred_factor": 100.0}, **kw)  # fmt: skip
+    got = {(r["solver"], r["num_inference_steps"], r["model_evaluations_per_image"])
+           for r in res.rows}  # fmt: skip
+    assert got == {("ddim", 4, 4), ("dpmsolver++", 3, 3)}
+    paths = res.write(tmp_path)
+    settings = json.loads(paths["settings"].read_text())
+    best = res.recommended
+    assert settings["sampler"]["solver"] == best["solver"]
+    assert settings["sampler"]["num_inference_steps"] == best["num_inference_steps"]
+    sampler = CPSampler.from_settings(paths["settings"], model, prot, s)
+    want = CPSampler(model, prot, s, num_inference_steps=best["num_inference_steps"],
+                     solver=best["solver"], scale=50.0, alpha=0.5, mode="repel")  # fmt: skip
+    assert torch.equal(sampler.sample((2, 1, 16, 16), seed=3), want.sample((2, 1, 16, 16), seed=3))
+    # bad samplers are refused before any sampling
+    for bad, match in (
+        ((("euler", 4),), "solver must be one of"),
+        ((("ddim", 0),), "steps must be an int >= 1"),
+        (("ddim",), "pairs"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            tune_guidance(model, prot, s, members, reference, budget=40, protector_meta=meta,
+                          **dict(kw, samplers=bad))  # fmt: skip
+    with pytest.raises(ValueError, match="deterministic"):
+        tune_guidance(model, prot, s, members, reference, budget=40, protector_meta=meta,
+                      **dict(kw, eta=0.5))  # fmt: skip

@@ -473,10 +473,11 @@ def _apply_settings(args, eps_model, protector, protector_meta) -> None:
         args.settings, eps_model=eps_model, protector=protector, protector_meta=protector_meta
     )["sampler"]
     args.mode, args.alpha, args.scale = s["mode"], s["alpha"], s["scale"]
-    args.steps, args.eta, args.guidance_range = (
+    args.steps, args.eta, args.guidance_range, args.solver = (
         s["num_inference_steps"],
         s["eta"],
         s["guidance_range"],
+        s["solver"],
     )
 
 

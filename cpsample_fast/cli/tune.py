@@ -27,6 +27,16 @@ def _range(text: str):
         ) from None
 
 
+def _sampler(text: str):
+    solver, _, steps = text.rpartition(":")
+    try:
+        return solver, int(steps)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a sampler must be SOLVER:STEPS (e.g. dpmsolver++:8), got {text!r}"
+        ) from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..tune import Targets
 
@@ -60,7 +70,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alphas", type=float, nargs="+", default=[0.3, 0.4, 0.45, 0.5])
     p.add_argument("--scales", type=float, nargs="+", default=[300.0, 1000.0, 3000.0, 8000.0])
     p.add_argument("--ranges", type=_range, nargs="+", default=[None], help="'all' or LO-HI")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (the baseline; default 50)")
+    p.add_argument(
+        "--samplers",
+        type=_sampler,
+        nargs="+",
+        default=None,
+        metavar="SOLVER:STEPS",
+        help="samplers searched too, e.g. ddim:50 dpmsolver++:8 (default: ddim:--steps)",
+    )
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--holdout-seeds", type=int, nargs="+", default=[2, 3])
@@ -109,6 +127,7 @@ def main(args) -> int:
             alphas=args.alphas,
             scales=args.scales,
             guidance_ranges=args.ranges,
+            samplers=args.samplers,
             num_inference_steps=args.steps,
             eta=args.eta,
             seeds=args.seeds,
