@@ -13,7 +13,7 @@
 # reach bench.csv as each provider is measured; a test stage runs pytest -v, so one killed by
 # its limit still names the test it was in. OUTDIR ends with at most 7 files:
 #   device_check.log   every stage's full output        stages.tsv   stage, status, rc, seconds
-#   bench.csv          benchmark rows (STYLE.md §7)      bench_*.json  one per benchmark run
+#   bench.csv          benchmark rows (benchmarks/README.md) bench_*.json  one per benchmark run
 #   status.json        stages + machine inventory        summary.txt  the table printed last
 #
 # --dry-run runs the same stages on the CPU with tiny sizes (no CUDA build: an import check of

@@ -1,15 +1,14 @@
 """cpsample_fast: fast, tested CPSample (Kazdan et al., ICLR 2025, arXiv 2409.07025).
 
-Public names follow SPEC.md §5. The evaluation, model and integration subpackages are imported on
-first use (``cps.eval``), so ``import cpsample_fast`` stays light.
+Public names follow docs/ALGORITHM.md §5. The evaluation, model and integration subpackages are
+imported on first use (``cps.eval``), so ``import cpsample_fast`` stays light.
 """
 
 from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"  # before the submodules: they record it in checkpoints
-
+from ._version import __version__
 from .protector import ProtectorNet, load_protector, save_protector, train_protector
 from .reference import reference_sample
 from .sampler import CPSampler

@@ -20,19 +20,29 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 _RANGE_TOL = 1e-5
 
 
-def check_images(images: torch.Tensor, name: str = "images") -> torch.Tensor:
-    """Validate an image batch and return it as float32.
+def check_images(
+    images: torch.Tensor,
+    name: str = "images",
+    *,
+    value_range: tuple[float, float] | None = (-1.0, 1.0),
+) -> torch.Tensor:
+    """The one validation of an image (or latent) batch; returns it as float32.
+
+    The rule: a floating ``[N, C, H, W]`` tensor with ``N >= 1``, every value finite and, unless
+    ``value_range`` is None (latents, or models that accept any range), inside ``value_range``
+    up to float rounding of the loaders' arithmetic (``1e-5``), then clamped to it.
 
     Args:
-        images: ``[N, C, H, W]`` floating tensor with values in [-1, 1].
+        images: ``[N, C, H, W]`` floating tensor.
         name: The argument's name for error messages.
+        value_range: ``(lo, hi)`` the values must lie in (pixels: ``(-1, 1)``), or None.
 
     Returns:
         ``images`` as a float32 tensor (same device).
 
     Raises:
         TypeError: not a floating tensor.
-        ValueError: wrong rank, empty, NaN/inf, or values outside [-1, 1].
+        ValueError: wrong rank, empty, NaN/inf, or values outside ``value_range``.
     """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [N, C, H, W], got {type(images).__name__}")
@@ -44,17 +54,25 @@ def check_images(images: torch.Tensor, name: str = "images") -> torch.Tensor:
     if images.dim() != 4:
         raise ValueError(f"{name} must have shape [N, C, H, W], got {tuple(images.shape)}")
     if images.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(images.shape)}): need at least one image")
-    if not bool(torch.isfinite(images).all()):
-        bad = int((~torch.isfinite(images)).sum())
-        raise ValueError(f"{name} contains {bad} NaN or infinite values")
-    lo, hi = float(images.min()), float(images.max())
-    if lo < -1.0 - _RANGE_TOL or hi > 1.0 + _RANGE_TOL:
         raise ValueError(
-            f"{name} must lie in [-1, 1], found values in [{lo:.4g}, {hi:.4g}]; rescale them "
-            "(e.g. normalize_images(x), or pass --normalize on the command line)"
+            f"{name} is empty (shape {tuple(images.shape)}): need a non-empty [N, C, H, W] batch"
         )
-    return images.float().clamp(-1.0, 1.0)
+    if not bool(torch.isfinite(images).all()):
+        bad = ~torch.isfinite(images.flatten(1))
+        first = bad.any(1).nonzero().flatten()[:5].tolist()
+        raise ValueError(
+            f"{name} contains NaN or inf ({int(bad.sum())} values; first bad images: {first})"
+        )
+    if value_range is None:
+        return images.float()
+    lo_ok, hi_ok = value_range
+    lo, hi = float(images.min()), float(images.max())
+    if lo < lo_ok - _RANGE_TOL or hi > hi_ok + _RANGE_TOL:
+        raise ValueError(
+            f"{name} must lie in [{lo_ok:g}, {hi_ok:g}], found values in [{lo:.4g}, {hi:.4g}]; "
+            "rescale them (e.g. normalize_images(x), or pass --normalize on the command line)"
+        )
+    return images.float().clamp(lo_ok, hi_ok)
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:

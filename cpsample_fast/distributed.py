@@ -1,11 +1,12 @@
 """Scale sampling out over processes (``torchrun``), resumably, with rank-invariant samples.
 
 Work is cut into fixed batches of global sample indices; batch ``b`` holds samples
-``b·batch_size …`` and goes to rank ``b % world_size``. The counter-based noise (SPEC §4) makes
+``b·batch_size …`` and goes to rank ``b % world_size``. The counter-based noise (docs/ALGORITHM.md
+§4) makes
 sample ``i`` a pure function of ``(seed, i)``, so the result does not depend on the number of
 ranks, and a batch already on disk (and verified, :mod:`cpsample_fast.shards`) is skipped when a
 killed job is started again. Each batch is written atomically as its own self-verifying shard;
-rank 0 merges the shards when all are present. ``SPEC §4`` is docs/ALGORITHM.md §4.
+rank 0 merges the shards when all are present.
 """
 
 from __future__ import annotations

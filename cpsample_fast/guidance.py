@@ -1,4 +1,5 @@
-"""SPEC.md §3 steps 2–5 as plain tensor math: confidence, gate, mode weight and the VJP seed.
+"""docs/ALGORITHM.md §3 steps 2–5 as plain tensor math: confidence, gate, mode weight and the VJP
+seed.
 
 Everything here is elementwise over the batch, branch-free and free of host synchronisation, so
 the same functions serve the reference (eagerly), the fast sampler (under ``torch.compile``) and
@@ -25,7 +26,7 @@ def mode_id(mode: str) -> int:
 
 
 def check_alpha(alpha: float) -> float:
-    """Validate the gate threshold α ∈ (0, 0.5] (SPEC §3 step 3)."""
+    """Validate the gate threshold α ∈ (0, 0.5] (docs/ALGORITHM.md §3 step 3)."""
     alpha = float(alpha)
     if not (0.0 < alpha <= 0.5):
         raise ValueError(f"alpha must lie in (0, 0.5], got {alpha}")
@@ -33,7 +34,7 @@ def check_alpha(alpha: float) -> float:
 
 
 def confidence(logits: torch.Tensor) -> torch.Tensor:
-    """``q = sigmoid(|f|) = max(r, 1 - r)`` (SPEC §3 step 2). ``logits``: ``[B]``."""
+    """``q = sigmoid(|f|) = max(r, 1 - r)`` (docs/ALGORITHM.md §3 step 2). ``logits``: ``[B]``."""
     return torch.sigmoid(logits.abs())
 
 
@@ -74,7 +75,8 @@ def gate(logits: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def mode_weight(logits: torch.Tensor, mode: str) -> torch.Tensor:
-    """The factor ``w(f)`` of ``g = w(f) · sign(f) · ∇_x f`` for each mode (SPEC §3 step 4).
+    """The factor ``w(f)`` of ``g = w(f) · sign(f) · ∇_x f`` for each mode (docs/ALGORITHM.md §3
+    step 4).
 
     - ``repel``:   ``w = 1 - q``  (``g = ∇_x log q``)
     - ``attract``: ``w = q``      (``g = -∇_x log(1 - q)``)
@@ -91,16 +93,19 @@ def mode_weight(logits: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def guidance_seed(
+def vjp_seed(
     logits: torch.Tensor,  # [B] protector logits f
     scale_t: torch.Tensor | float,  # s · √(1 - ᾱ_t), scalar
     alpha: float,
     mode: str = "repel",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample VJP seed ``c_b = s·√(1-ᾱ_t)·m_b·w(f_b)·sign(f_b)`` (SPEC §3 step 5).
+    """Per-sample VJP seed ``c_b = s·√(1-ᾱ_t)·m_b·w(f_b)·sign(f_b)`` (docs/ALGORITHM.md §3 step 5).
 
     The vector-Jacobian product of the logits with ``c`` is the whole guidance term
     ``s·√(1-ᾱ_t)·m·g`` that is added to ε, because each logit depends on its own sample only.
+
+    The plain-math form (``scale_t`` a float or a tensor, ``mode`` a name); the op
+    :func:`cpsample_fast.ops.guidance_seed` is its checked, backend-dispatched counterpart.
 
     Returns:
         ``(c, q, m)``: the seed ``[B]`` (float32), the confidence ``[B]`` and the gate ``[B]``

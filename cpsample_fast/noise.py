@@ -1,6 +1,6 @@
 """Counter-based Gaussian noise: Philox4x32-10 plus Triton's ``randn`` recipe, in plain torch.
 
-This is the torch reference of the random numbers every backend draws (SPEC §4,
+This is the torch reference of the random numbers every backend draws (docs/ALGORITHM.md §4,
 docs/CONTRACTS.md "Counter-based noise"). The normal value for (seed, sample index ``i``,
 loop step ``k``, stream, element ``j``) is a pure function of those numbers:
 
@@ -26,16 +26,19 @@ from collections.abc import Sequence
 
 import torch
 
-# Philox4x32 constants (Salmon et al. 2011; identical to triton.language.random).
-PHILOX_ROUND_A = 0xD2511F53
-PHILOX_ROUND_B = 0xCD9E8D57
-PHILOX_KEY_A = 0x9E3779B9
-PHILOX_KEY_B = 0xBB67AE85
-PHILOX_ROUNDS = 10
-
-# Counter word c3 (docs/CONTRACTS.md): which noise a draw belongs to.
-STREAM_STEP = 0  # per-step noise z of the sampling loop
-STREAM_INITIAL = 1  # initial noise x_T
+# Philox4x32 constants and the counter word c3 (which noise a draw belongs to) live in
+# constants.py, mirrored in csrc/cpsample/step_math.h.
+from .constants import (
+    PHILOX_KEY_A,
+    PHILOX_KEY_B,
+    PHILOX_ROUND_A,
+    PHILOX_ROUND_B,
+    PHILOX_ROUNDS,
+    SAMPLE_INDEX_LIMIT,
+    STREAM_INITIAL,
+    STREAM_MEMBERSHIP,  # noqa: F401  (re-exported: noise.STREAM_* names every stream)
+    STREAM_STEP,
+)
 
 _MASK32 = 0xFFFFFFFF
 _SIGN32 = 0x80000000
@@ -76,8 +79,8 @@ def _mulhilo(a: torch.Tensor, multiplier: int) -> tuple[torch.Tensor, torch.Tens
     (floor of a floor by an integer is the floor of the quotient) and
     ``lo = (p_lo + ((p_hi mod 2**16) << 16)) mod 2**32`` — exact, no int64 overflow anywhere.
 
-    The fresh partial products are updated in place: fewer new buffers made the eager Philox
-    of a 64×3×32×32 draw ~1.8x faster (39 → 21 ms, best of 5, 1 thread on a loaded 2-core box).
+    The fresh partial products are updated in place: eager Philox is bound by allocating new
+    buffers, so fewer of them make it faster (timings in benchmarks/README.md).
     """
     p_hi = a * (multiplier >> 16)
     p_lo = a * (multiplier & 0xFFFF)
@@ -187,7 +190,7 @@ def philox_normal(
     stream: IntLike,
     sample_shape: Sequence[int],
 ) -> torch.Tensor:
-    """Standard normals for the given samples, by the counter-based contract (SPEC §4).
+    """Standard normals for the given samples, by the counter-based contract (docs/ALGORITHM.md §4).
 
     Element ``j`` (row-major flat index inside one sample) of sample ``sample_index[b]`` uses the
     counter ``(j, sample_index[b], step, stream)``. With ``step = stream = 0`` this equals
@@ -197,7 +200,8 @@ def philox_normal(
         seed: Python int or int64 0-dim tensor.
         sample_index: int64 tensor ``[B]``; its device is the output's device.
         step: loop step ``k`` (0-based), Python int or int64 0-dim tensor.
-        stream: ``STREAM_STEP`` (0) or ``STREAM_INITIAL`` (1), or any counter word.
+        stream: ``STREAM_STEP`` (0), ``STREAM_INITIAL`` (1), ``STREAM_MEMBERSHIP`` (2), or any
+            counter word.
         sample_shape: shape of one sample, e.g. ``(C, H, W)``.
 
     Returns:
@@ -224,7 +228,7 @@ def _sample_indices(
     batch: int, sample_offset: IntLike, device: torch.device | str | None
 ) -> torch.Tensor:
     """``sample_offset + arange(batch)`` as int64 ``[B]``."""
-    _check_int_like("sample_offset", sample_offset, lo=0, hi=2**32)
+    _check_int_like("sample_offset", sample_offset, lo=0, hi=SAMPLE_INDEX_LIMIT)
     return torch.arange(batch, dtype=torch.int64, device=device) + sample_offset
 
 

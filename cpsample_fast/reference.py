@@ -1,4 +1,5 @@
-"""The reference CPSample loop: SPEC.md §3 in plain eager PyTorch — the specification in code.
+"""The reference CPSample loop: docs/ALGORITHM.md §3 in plain eager PyTorch — the specification in
+code.
 
 Written the way a straightforward research implementation would be: ``torch.autograd.grad`` of
 each mode's objective (not the closed-form VJP seed the fast path uses, so the two check each
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import noise as _noise
-from .adapters import ModelCaller
+from .model_caller import ModelCaller
 from .solvers import check_solver, dpm_first_order, dpm_sigmas, dpm_timesteps
 from .trace import SamplingTrace
 from .validation import (
@@ -27,8 +28,8 @@ from .validation import (
 )
 
 
-def _objective(f: torch.Tensor, mode: str) -> torch.Tensor:
-    """Per-sample objective whose x-gradient is the mode's guidance g (SPEC §3 step 4).
+def objective(f: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-sample objective whose x-gradient is the mode's guidance g (docs/ALGORITHM.md §3 step 4).
 
     repel: ``log q``; attract: ``-log(1 - q)``; entropy: ``-H(r)``, with ``q = sigmoid(|f|)``.
     """
@@ -72,7 +73,8 @@ def reference_sample(
     use_clipped_model_output: bool = False,
     solver: str = "ddim",
 ):
-    """Protected DDIM sampling, SPEC §3 steps 1–7, eagerly and one obvious operation at a time.
+    """Protected DDIM sampling, docs/ALGORITHM.md §3 steps 1–7, eagerly and one obvious operation
+    at a time.
 
     Args:
         eps_model: ``eps_model(x [B,C,H,W], t int64 [B]) -> [B,C,H,W]`` (ε, v or x0 according
@@ -85,7 +87,8 @@ def reference_sample(
         scale: guidance scale s (0 = plain DDIM); required with a protector (paper: 1000).
         alpha: gate threshold α ∈ (0, 0.5]; required with a protector (paper: 0.001).
         mode: ``"repel"`` (default), ``"attract"`` or ``"entropy"``.
-        seed: seed of the counter-based noise (SPEC §4) when ``noise``/``step_noise`` are absent.
+        seed: seed of the counter-based noise (docs/ALGORITHM.md §4) when ``noise``/``step_noise``
+        are absent.
         noise: explicit initial ``x_T`` ``[B, C, H, W]``.
         step_noise: explicit per-step noise ``z`` ``[steps, B, C, H, W]``.
         sample_offset: global index of the first sample (for the counter-based noise).
@@ -190,7 +193,7 @@ def reference_sample(
                     trace.confidence[k] = torch.maximum(r, 1 - r).detach().float()
                     trace.gate[k] = m
                 if m.any():
-                    (g,) = torch.autograd.grad(_objective(f, mode).sum(), x_in)
+                    (g,) = torch.autograd.grad(objective(f, mode).sum(), x_in)
                     mask = m.to(dtype).view(B, 1, 1, 1)
                     guidance = scale * b_t ** (0.5) * mask * g.to(dtype)
 
@@ -296,7 +299,7 @@ def _reference_dpmsolver(
                     trace.confidence[k] = torch.maximum(r, 1 - r).detach().float()
                     trace.gate[k] = m
                 if m.any():
-                    (g,) = torch.autograd.grad(_objective(f, mode).sum(), x_in)
+                    (g,) = torch.autograd.grad(objective(f, mode).sum(), x_in)
                     mask = m.to(dtype).view(B, 1, 1, 1)
                     guidance = scale * sigma_s * mask * g.to(dtype)
                     # 6. ε̂ = ε + G moves x̂0 by -(σ_t/α_t)·G

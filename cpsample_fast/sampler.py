@@ -1,4 +1,4 @@
-"""CPSampler: the fast protected DDIM loop (SPEC §3), free of host synchronisation.
+"""CPSampler: the fast protected DDIM loop (docs/ALGORITHM.md §3), free of host synchronisation.
 
 One step is: eps-model forward, protector forward + one VJP (``torch.func.vjp``, input gradient
 only), the ``cpsample::guidance_seed`` op turning logits into the per-sample VJP seed, and one
@@ -16,20 +16,22 @@ import torch
 
 from . import noise as _noise
 from . import ops
-from .adapters import ModelCaller
+from .constants import PREDICTION_TYPE_IDS, SAMPLE_INDEX_LIMIT
 from .guidance import mode_id
+from .model_caller import ModelCaller
 from .solvers import check_solver, dpm_coef_table, dpm_timesteps
 from .trace import SamplingTrace
 from .validation import (
+    check_int,
     check_model_output,
     check_noise_args,
     check_protector_output,
     check_sampling_args,
+    check_seed,
     check_shape,
     resolve_guidance_args,
 )
 
-_PREDICTION_IDS = {"epsilon": 0, "v_prediction": 1, "sample": 2}
 # Sources whose first non-finite step is recorded on the device, in this order.
 _BAD_SOURCES = ("eps_model", "protector", "the update")
 
@@ -58,17 +60,22 @@ def _scaled_guidance(g: torch.Tensor, scale_t: torch.Tensor, x: torch.Tensor) ->
     return torch.mul(g, scale_t, out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
 
 
-def _as_int64(value, name: str, lo: int = -(2**63)) -> int:
-    """A Python int as the signed int64 the device tables hold (seeds in [2**63, 2**64) wrap
-    to the same 64 bits, which is what the Philox key reads)."""
-    value = int(value)
-    if value < lo or value >= 2**64:
-        raise ValueError(f"{name} must be in [{lo}, 2**64), got {value}")
+def _as_int64(value: int) -> int:
+    """A checked Python int in ``[0, 2**64)`` as the signed int64 the device tables hold (values
+    in ``[2**63, 2**64)`` wrap to the same 64 bits, which is what the Philox key reads)."""
     return value - 2**64 if value >= 2**63 else value
 
 
+def _check_offset(sample_offset) -> int:
+    """``sample_offset`` is a sample index: an int in ``[0, 2**32)`` (Philox counter word c1)."""
+    value = check_int("sample_offset", sample_offset, lo=0)
+    if value >= SAMPLE_INDEX_LIMIT:
+        raise ValueError(f"sample_offset must be in [0, 2**32), got {value}")
+    return value
+
+
 class CPSampler:
-    """Drop-in fast CPSample sampler (SPEC §5), same results as ``reference_sample``.
+    """Drop-in fast CPSample sampler (docs/ALGORITHM.md §5), same results as ``reference_sample``.
 
     Args:
         eps_model: ``eps_model(x [B,C,H,W], t int64 [B]) -> [B,C,H,W]``; any dtype / memory
@@ -169,7 +176,7 @@ class CPSampler:
         self._side_stream = None
         self._eps = ModelCaller(eps_model)
         self._prot = ModelCaller(protector) if protector is not None else None
-        self._prediction = _PREDICTION_IDS[schedule.prediction_type]
+        self._prediction = PREDICTION_TYPE_IDS[schedule.prediction_type]
         self._mode_id = mode_id(mode)
 
         n = num_inference_steps
@@ -230,7 +237,7 @@ class CPSampler:
 
     # ------------------------------------------------------------------ the step
     def _step(self, x, k, tables, rng_base, z, guided: bool, draw_noise: bool, run: _Run):
-        """One protected step (SPEC §3 steps 1–7) with no host synchronisation.
+        """One protected step (docs/ALGORITHM.md §3 steps 1–7) with no host synchronisation.
 
         ``x`` ``[B, C, H, W]`` float32; ``k`` 0-dim int64 step index on x's device; ``z``
         explicit noise ``[B, C, H, W]`` or None; ``guided``/``draw_noise`` are static; ``run``
@@ -319,7 +326,7 @@ class CPSampler:
         return out.to(dtype=torch.float32, memory_format=torch.contiguous_format)
 
     def _guidance(self, x, t, k1, tables, guided: bool, run: _Run):
-        """SPEC §3 steps 2–5: logits, confidence, gate and the scaled guidance term G.
+        """docs/ALGORITHM.md §3 steps 2–5: logits, confidence, gate and the scaled guidance term G.
 
         One vector-Jacobian product of the logits (input gradient only; the weights get none),
         seeded with ``m·w(f)·sign(f)`` from the ``cpsample::guidance_seed`` op, then scaled by
@@ -403,11 +410,12 @@ class CPSampler:
         progress: bool = False,
         generator=None,
     ):
-        """Draw protected samples (SPEC §3), same keyword arguments as ``reference_sample``.
+        """Draw protected samples (docs/ALGORITHM.md §3), same keyword arguments as
+        ``reference_sample``.
 
         Args:
             shape: ``(B, C, H, W)``.
-            seed: seed of the counter-based noise (SPEC §4).
+            seed: seed of the counter-based noise (docs/ALGORITHM.md §4).
             noise: explicit initial ``x_T`` ``[B, C, H, W]``.
             step_noise: explicit per-step ``z`` ``[steps, B, C, H, W]``.
             sample_offset: global index of the first sample (batch/rank invariance).
@@ -460,7 +468,7 @@ class CPSampler:
 
         B = shape[0]
         rng_base = torch.tensor(
-            [_as_int64(seed, "seed"), _as_int64(sample_offset, "sample_offset", lo=0)],
+            [_as_int64(check_seed("seed", seed)), _as_int64(_check_offset(sample_offset))],
             dtype=torch.int64,
             device=device,
         )

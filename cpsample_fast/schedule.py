@@ -1,4 +1,5 @@
-"""``NoiseSchedule``: betas, ᾱ, DDIM inference timesteps and step coefficients (SPEC.md §1).
+"""``NoiseSchedule``: betas, ᾱ, DDIM inference timesteps and step coefficients (docs/ALGORITHM.md
+§1).
 
 The schedule mirrors diffusers' ``DDIMScheduler`` config keys, defaults and float32 arithmetic, so
 that a diffusers config converts one-to-one and every coefficient rounds exactly as diffusers
@@ -17,9 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .constants import PREDICTION_TYPES
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 COEFFICIENT_KEYS = ("sqrt_alpha", "sqrt_one_minus_alpha", "sqrt_alpha_prev", "dir_coef", "sigma")
 
 # Config keys and defaults of diffusers' DDIMScheduler that this schedule implements.
@@ -445,7 +447,7 @@ class NoiseSchedule:
         """Previous timesteps ``t - T // n`` (may be negative), as ``DDIMScheduler.step``.
 
         With ``trailing`` / ``linspace`` spacing this is not always the next listed timestep;
-        diffusers steps to it anyway and so do we (SPEC §3).
+        diffusers steps to it anyway and so do we (docs/ALGORITHM.md §3).
 
         Args:
             num_inference_steps: ``n`` in ``1..T``.
@@ -467,7 +469,8 @@ class NoiseSchedule:
 
         Keys (each float32 ``[n]``, in loop order): ``sqrt_alpha`` = √ᾱ_t,
         ``sqrt_one_minus_alpha`` = √(1-ᾱ_t), ``sqrt_alpha_prev`` = √ᾱ',
-        ``dir_coef`` = √(1-ᾱ'-σ²), ``sigma`` = η·√((1-ᾱ')/(1-ᾱ_t)·(1-ᾱ_t/ᾱ')) (SPEC §3 step 7).
+        ``dir_coef`` = √(1-ᾱ'-σ²), ``sigma`` = η·√((1-ᾱ')/(1-ᾱ_t)·(1-ᾱ_t/ᾱ')) (docs/ALGORITHM.md §3
+        step 7).
 
         The elementwise float32 ops below are diffusers' own (``x ** 0.5`` is ``sqrt`` and
         ``x ** 2`` is ``x * x`` in torch), applied to a vector instead of one 0-dim tensor per
@@ -573,11 +576,7 @@ class NoiseSchedule:
         if cumprod is None:
             cumprod = self.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)
             self._device_cumprod[key] = cumprod
-        a = cumprod[t.to(x0.device)]
-        shape = (-1,) + (1,) * (x0.ndim - 1) if a.ndim == 1 else ()
-        sqrt_alpha = (a**0.5).reshape(shape)
-        sqrt_one_minus_alpha = ((1 - a) ** 0.5).reshape(shape)
-        return sqrt_alpha * x0 + sqrt_one_minus_alpha * noise
+        return forward_noise(x0, noise, t, cumprod)
 
     # ----------------------------------------------------------------- dunder
 
@@ -606,3 +605,28 @@ class NoiseSchedule:
             f"{k}={v}" if k == "trained_betas" else f"{k}={v!r}" for k, v in config.items()
         )
         return f"NoiseSchedule({args})"
+
+
+def alphas_cumprod_of(schedule: Any) -> torch.Tensor:
+    """ᾱ ``[T]`` as float32 from a :class:`NoiseSchedule` (anything with ``alphas_cumprod``) or
+    from that tensor itself; TypeError otherwise."""
+    ac = getattr(schedule, "alphas_cumprod", schedule)
+    if not isinstance(ac, torch.Tensor) or ac.dim() != 1:
+        raise TypeError("schedule must have alphas_cumprod (a float tensor [T]) or be that tensor")
+    return ac.float()
+
+
+def forward_noise(
+    x0: torch.Tensor,  # [B, ...]
+    noise: torch.Tensor,  # [B, ...]
+    t: torch.Tensor,  # int64 [B] (or 0-dim)
+    alphas_cumprod: torch.Tensor,  # [T]
+) -> torch.Tensor:
+    """``x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε`` (docs/ALGORITHM.md §1) in ``x0``'s dtype, as diffusers'
+    ``add_noise``: the one forward-noising formula of the package. Unchecked (callers validate);
+    :meth:`NoiseSchedule.add_noise` is the checked public form."""
+    a = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t.to(x0.device)]
+    shape = (-1,) + (1,) * (x0.ndim - 1) if a.ndim == 1 else ()
+    sqrt_alpha = (a**0.5).reshape(shape)
+    sqrt_one_minus_alpha = ((1 - a) ** 0.5).reshape(shape)
+    return sqrt_alpha * x0 + sqrt_one_minus_alpha * noise

@@ -1,17 +1,45 @@
 """Argument checks shared by the reference and the fast sampler.
 
 Each check raises ``ValueError``/``TypeError`` naming the argument and what was expected, so bad
-input fails before any model or kernel runs (SPEC §3, issue "Bad input").
+input fails before any model or kernel runs (docs/ALGORITHM.md §3, issue "Bad input").
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
 
+from .constants import SEED_LIMIT
 from .guidance import MODES, check_alpha
+
+
+def _as_int(value, error: Exception) -> int:
+    """``value`` as a Python int if it is integral (int, numpy or 0-dim tensor int, not bool)."""
+    if isinstance(value, bool):
+        raise error
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise error from None
+
+
+def check_int(name: str, value, lo: int = 1) -> int:
+    """An integer (not a bool) ``>= lo`` as a Python int; ValueError naming ``name`` otherwise."""
+    value = _as_int(value, ValueError(f"{name} must be an int >= {lo}, got {value!r}"))
+    if value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    return value
+
+
+def check_seed(name: str, value) -> int:
+    """A seed: an integer in ``[0, 2**64)`` (a 64-bit Philox key), everywhere in the package."""
+    value = _as_int(value, TypeError(f"{name} must be an int, got {value!r}"))
+    if not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
+    return value
 
 
 def check_sampling_args(
@@ -41,7 +69,8 @@ def check_sampling_args(
 
 
 def resolve_guidance_args(protector, scale, alpha) -> tuple[float, float]:
-    """``scale`` and ``alpha`` are required with a protector (SPEC §5 gives them no default).
+    """``scale`` and ``alpha`` are required with a protector (docs/ALGORITHM.md §5 gives them no
+    default).
 
     A protector passed without them would otherwise sample unprotected without a word; the
     paper pairs s = 1000 with α = 0.001. Without a protector they default to plain DDIM.

@@ -24,7 +24,7 @@ from cpsample_fast.models import EmpiricalDenoiser
 from cpsample_fast.protector import train_protector
 from cpsample_fast.schedule import NoiseSchedule
 
-_gu = importlib.import_module("cpsample_fast.ops.guided_update")
+_gu = importlib.import_module("cpsample_fast.ops._guided_update_op")
 
 N_A, N_P = 48, 16  # |A|, |P|: P = A[:16], A∖P = A[16:]
 COPY = 0.98  # nearest-neighbour pixel cosine above which a sample is a copy

@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
+from cpsample_fast.models import load_checkpoint, save_checkpoint, train_diffusion
 from cpsample_fast.models.digits import DIGITS_UNET, digits_split
-from cpsample_fast.models.train import load_checkpoint, save_checkpoint, train_diffusion
 from cpsample_fast.models.unet import UNET_CONFIGS, SmallUNet
 
 # diffusers' DDIMScheduler defaults (linear betas 1e-4 → 0.02 over 1000 steps).

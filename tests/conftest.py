@@ -1,4 +1,5 @@
-"""Shared test set-up: Triton runs on the CPU through its interpreter (STYLE.md §6).
+"""Shared test set-up: Triton runs on the CPU through its interpreter, so the
+Triton kernels are tested on machines without a GPU.
 
 TRITON_INTERPRET must be set before any kernel module is imported, so it is set here, at the
 top of the first file pytest imports.

@@ -31,10 +31,20 @@ def test_python_dash_m_entry_point():
         assert name in proc.stdout
 
 
-def test_missing_subcommand_module_says_so(monkeypatch, capsys):
-    monkeypatch.setitem(cli.SUBCOMMANDS, "future-thing", "no_such_module")
-    assert cli.main(["future-thing"]) == 2
-    assert "not implemented in this version" in capsys.readouterr().err
+def test_choices_come_from_the_library():
+    from cpsample_fast import guidance, ops, solvers
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+
+    def choices(cmd, dest):
+        return tuple(next(a for a in sub[cmd]._actions if a.dest == dest).choices)
+
+    assert choices("sample", "mode") == guidance.MODES
+    assert choices("sample", "backend") == ops.BACKENDS
+    assert choices("sample", "solver") == solvers.SOLVERS
+    assert choices("demo", "mode") == guidance.MODES
+    assert choices("evaluate", "mode") == guidance.MODES
 
 
 def test_unknown_subcommand_is_a_usage_error():

@@ -422,7 +422,7 @@ def test_clipped_guided_step_never_raises_confidence(mode):
     o = eps_true + 0.3 * torch.randn((B, *SHAPE[1:]), generator=gen)  # an imperfect model
     f = prot(x, None).detach()
     scale_t = torch.tensor(10.0) * coefs[1]  # a step that does not overshoot f = 0
-    cseed, _, m = guidance.guidance_seed(f, scale_t, 0.4, mode)
+    cseed, _, m = guidance.vjp_seed(f, scale_t, 0.4, mode)
     assert m.float().mean() > 0.5
     G = cseed.view(B, 1, 1, 1) * w  # the VJP of a linear protector
     plain = _update("torch", x, o, None, None, coefs)

@@ -1,4 +1,4 @@
-"""Unguided DDIM against diffusers' DDIMScheduler loop on a tiny random UNet (SPEC §1).
+"""Unguided DDIM against diffusers' DDIMScheduler loop on a tiny random UNet (docs/ALGORITHM.md §1).
 
 Three loops are compared with diffusers' ``scheduler.step`` loop over a sweep of configs
 (prediction types, clipping, spacings, offsets, η = 0 and η > 0 with explicit per-step noise):
@@ -8,7 +8,7 @@ Three loops are compared with diffusers' ``scheduler.step`` loop over a sweep of
 - ``reference_sample(..., protector=None)``;
 - ``CPSampler(..., protector=None).sample`` for each backend that runs here.
 
-SPEC §1 asks for relative error < 1e-5 in float32; errors are printed per config.
+docs/ALGORITHM.md §1 asks for relative error < 1e-5 in float32; errors are printed per config.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from cpsample_fast.schedule import NoiseSchedule
 
 diffusers = pytest.importorskip("diffusers")
 
-B, H, W = 3, 8, 8  # odd batch (STYLE §4)
-TOL = 1e-5  # SPEC §1, float32
+B, H, W = 3, 8, 8  # odd batch: catches code that assumes even or power-of-two sizes
+TOL = 1e-5  # docs/ALGORITHM.md §1, float32
 
 # (id, scheduler config, channels, num_inference_steps, eta)
 CONFIGS = [

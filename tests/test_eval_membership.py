@@ -53,7 +53,7 @@ def test_eps_hat_matches_autograd_of_objective(mode):
     t = torch.full((3,), 300, dtype=torch.long)
     scale, alpha = 7.0, 0.5
     got = denoiser_output(eps_model, x, t, s, protector=prot, scale=scale, alpha=alpha, mode=mode)
-    # Independent form: gradient of the mode's objective (SPEC §3 step 4).
+    # Independent form: gradient of the mode's objective (docs/ALGORITHM.md §3 step 4).
     xr = x.clone().requires_grad_(True)
     f = prot(xr, t)
     r = torch.sigmoid(f)
@@ -108,8 +108,8 @@ def test_batch_size_does_not_change_scores():
 
 def test_scores_do_not_depend_on_set_size_or_batch():
     """Image i's noise is a function of (seed, i, k, r) alone: a prefix scores as in the set."""
+    from cpsample_fast.constants import STREAM_MEMBERSHIP
     from cpsample_fast.eval import reconstruction_errors
-    from cpsample_fast.eval.membership import STREAM_MEMBERSHIP
     from cpsample_fast.noise import philox_normal
 
     s = NoiseSchedule()
@@ -195,7 +195,7 @@ def _protected_scores_by_hand(model, prot, images, s, t, scale, alpha, seed):
     """ε̂ reconstruction error of each image at one timestep, from the mode objective's
     autograd gradient (repel: ∇ log q) and the documented Philox draws: independent of
     denoiser_output and reconstruction_errors."""
-    from cpsample_fast.eval.membership import STREAM_MEMBERSHIP
+    from cpsample_fast.constants import STREAM_MEMBERSHIP
     from cpsample_fast.noise import philox_normal
 
     a = s.alphas_cumprod[t]

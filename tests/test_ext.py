@@ -93,7 +93,7 @@ def formula(x, o, g, z, coefs, prediction_type: int, clip: bool, dtype):
 
 
 def ddim_coefs(abar_t: float, abar_prev: float, eta: float, clip_range: float = 1.0):
-    """float32 [6] (sa, s1, sp, d, sigma, clip) for one DDIM step (SPEC §3 step 7)."""
+    """float32 [6] (sa, s1, sp, d, sigma, clip) for one DDIM step (docs/ALGORITHM.md §3 step 7)."""
     sigma = eta * ((1 - abar_prev) / (1 - abar_t)) ** 0.5 * (1 - abar_t / abar_prev) ** 0.5
     values = [abar_t**0.5, (1 - abar_t) ** 0.5, abar_prev**0.5]
     values += [(1 - abar_prev - sigma**2) ** 0.5, sigma, clip_range]

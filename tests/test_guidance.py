@@ -102,7 +102,7 @@ def assert_matches_closed_form(c, q, m, logits, scale, alpha, mode):
 @pytest.mark.parametrize("alpha", [ALPHA_PAPER, 0.05, 0.5])
 def test_guidance_seed_matches_closed_form(mode, alpha):
     scale = 1000.0 * 0.6  # s·√(1-ᾱ_t) at the paper's s = 1000
-    c, q, m = guidance.guidance_seed(torch.tensor(LOGITS), torch.tensor(scale), alpha, mode)
+    c, q, m = guidance.vjp_seed(torch.tensor(LOGITS), torch.tensor(scale), alpha, mode)
     assert_matches_closed_form(c, q, m, LOGITS, scale, alpha, mode)
     # Some samples guided and some not in every case: the gate really selects.
     assert m.any() and not m.all()
@@ -117,7 +117,7 @@ def test_gate_both_sides_of_the_paper_alpha():
     assert m.tolist() == [False, False, True, True, False, True]
     # The seed is exactly 0 where the gate is shut and nonzero where it is open.
     for mode in guidance.MODES:
-        c, _, _ = guidance.guidance_seed(f, torch.tensor(3.0), ALPHA_PAPER, mode)
+        c, _, _ = guidance.vjp_seed(f, torch.tensor(3.0), ALPHA_PAPER, mode)
         assert (c != 0).tolist() == [False, False, True, True, False, True], mode
 
 
@@ -155,7 +155,7 @@ def test_seed_is_the_derivative_of_the_mode_objective(mode):
         "entropy": r * torch.log(r) + (1 - r) * torch.log(1 - r),
     }[mode]
     (d,) = torch.autograd.grad(objective.sum(), f)
-    c, _, _ = guidance.guidance_seed(f.detach(), 1.0, 0.5, mode)
+    c, _, _ = guidance.vjp_seed(f.detach(), 1.0, 0.5, mode)
     tol = 1e-6 * d.abs()
     if mode == "entropy":  # float32 r·(1 - r): |f|·eps absolute (see assert_matches_closed_form)
         tol = tol + 2 * torch.finfo(torch.float32).eps * f.detach().abs()

@@ -1,4 +1,5 @@
-"""Counter-based noise (SPEC §4): bit-exact vs Triton and Random123, statistically sound."""
+"""Counter-based noise (docs/ALGORITHM.md §4): bit-exact vs Triton and Random123, statistically
+sound."""
 
 import math
 

@@ -10,14 +10,15 @@ from test_guidance import ALPHA_PAPER, LOGITS, assert_matches_closed_form  # tes
 from cpsample_fast import guidance, noise, ops
 
 # The package exports the function `guided_update`, which shadows the submodule's attribute name.
-gu_module = importlib.import_module("cpsample_fast.ops.guided_update")
+gu_module = importlib.import_module("cpsample_fast.ops._backends")
 
 SHAPE = (3, 3, 5, 7)  # odd batch, odd sample shape
 F32_EPS = torch.finfo(torch.float32).eps
 
 
 def make_coefs(alpha_bar=0.64, alpha_bar_prev=0.81, eta=0.7, clip_range=1.0):
-    """(sa, s1, sp, d, sigma, clip) from ᾱ_t, ᾱ' and η as DDIM defines them (SPEC §3 step 7)."""
+    """(sa, s1, sp, d, sigma, clip) from ᾱ_t, ᾱ' and η as DDIM defines them (docs/ALGORITHM.md §3
+    step 7)."""
     sigma = (
         eta
         * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
@@ -38,7 +39,8 @@ def make_inputs(shape=SHAPE, seed=0):
 
 
 def reference_update_f64(x, o, g, z, coefs, prediction_type, clip_sample):
-    """SPEC §3 steps 5–7 in float64, written from the paper's form, not the kernels' form."""
+    """docs/ALGORITHM.md §3 steps 5–7 in float64, written from the paper's form, not the kernels'
+    form."""
     x, o = x.double(), o.double()
     sa, s1, sp, d, sigma, c = coefs.double().tolist()
     if prediction_type == 0:
@@ -191,7 +193,7 @@ def test_backend_resolution_and_available_backends(monkeypatch):
     with pytest.raises(ValueError, match="cuda"):
         ops.resolve_backend("cuda", cpu)
     # Without the extension, cpp says how to build it and auto falls back to torch.
-    monkeypatch.setattr(gu_module, "_get_ext", lambda: None)
+    monkeypatch.setattr(gu_module, "get_ext", lambda: None)
     monkeypatch.setattr(gu_module, "_RESOLVED", {})
     assert ops.available_backends(cpu)[0] == "torch"
     assert ops.resolve_backend("auto", cpu) == "torch"
@@ -244,7 +246,7 @@ def test_cuda_backend_offered_only_when_the_built_archs_cover_the_gpu(monkeypatc
     monkeypatch.setattr(gu_module, "_device_capability", lambda device: (9, 0))
     monkeypatch.setattr(gu_module._triton_impl, "supports_device", lambda device: False)
     for archs, offered in [("80-real", False), ("80-real,90-real", True), ("80", True)]:
-        monkeypatch.setattr(gu_module, "_get_ext", lambda archs=archs: FakeExt(archs))
+        monkeypatch.setattr(gu_module, "get_ext", lambda archs=archs: FakeExt(archs))
         monkeypatch.setattr(gu_module, "_RESOLVED", {})
         names = ops.available_backends(cuda)
         assert ("cuda" in names) is offered, (archs, names)

@@ -1,4 +1,4 @@
-"""Protector checkpoints, the dataset fingerprint and verify_protector (SPEC §2)."""
+"""Protector checkpoints, the dataset fingerprint and verify_protector (docs/ALGORITHM.md §2)."""
 
 import json
 import shutil

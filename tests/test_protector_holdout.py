@@ -1,4 +1,5 @@
-"""Hold-out images trained toward 1/2 make the protector uncertain on non-members (SPEC §2)."""
+"""Hold-out images trained toward 1/2 make the protector uncertain on non-members
+(docs/ALGORITHM.md §2)."""
 
 import pytest
 import torch

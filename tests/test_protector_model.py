@@ -1,4 +1,5 @@
-"""ProtectorNet: shapes, per-sample independence, torch.func and torch.compile (SPEC §2)."""
+"""ProtectorNet: shapes, per-sample independence, torch.func and torch.compile (docs/ALGORITHM.md
+§2)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""train_protector (SPEC §2): memorisation on digits, exact resume, bad input."""
+"""train_protector (docs/ALGORITHM.md §2): memorisation on digits, exact resume, bad input."""
 
 import json
 import time

@@ -1,8 +1,9 @@
-"""The reference loop against a hand-computed loop with closed-form models (SPEC §3).
+"""The reference loop against a hand-computed loop with closed-form models (docs/ALGORITHM.md §3).
 
 The protector is linear per sample, ``f(x_b) = <w, x_b> + bias``, so ``∇_x f = w`` and every
 mode's guidance term can be written down without autograd; the eps-model is linear too. The
-hand loop is float64 NumPy, written from SPEC §3 directly, so a wrong sign, a wrong factor or a
+hand loop is float64 NumPy, written from docs/ALGORITHM.md §3 directly, so a wrong sign, a wrong
+factor or a
 wrong gate in the reference shows up as a large relative error.
 """
 
@@ -44,7 +45,7 @@ def _sigmoid(v):
 
 
 def hand_loop(schedule, x_T, z, n, eta, scale, alpha, mode, w, bias):
-    """SPEC §3 steps 1-7 in float64 NumPy with the closed-form gradient ``∇f = w``."""
+    """docs/ALGORITHM.md §3 steps 1-7 in float64 NumPy with the closed-form gradient ``∇f = w``."""
     ac = schedule.alphas_cumprod.double().numpy()
     final = float(schedule.final_alpha_cumprod)
     T = schedule.num_train_timesteps

@@ -310,7 +310,7 @@ def test_bad_input_errors():
 def test_channels_last_detected_past_ambiguous_first_weight():
     """A 1-channel model's first conv weight [C, 1, 3, 3] is contiguous in both formats; the
     layout must be read from the next weights."""
-    from cpsample_fast.adapters import model_memory_format
+    from cpsample_fast.model_caller import model_memory_format
 
     unet, _ = _models()
     assert model_memory_format(unet) is torch.contiguous_format

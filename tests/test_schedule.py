@@ -347,7 +347,8 @@ def test_eta_is_validated():
 
 
 def test_eta_one_over_all_steps_is_ddpm_ancestral():
-    """η = 1 with n = T is DDPM's ancestral step (SPEC §3): same posterior mean and variance."""
+    """η = 1 with n = T is DDPM's ancestral step (docs/ALGORITHM.md §3): same posterior mean and
+    variance."""
     ours = NoiseSchedule.cosine()
     ddpm = DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="fixed_small")
     c = {k: v.double() for k, v in ours.step_coefficients(T, 1.0).items()}
@@ -373,3 +374,21 @@ def test_eta_one_over_all_steps_is_ddpm_ancestral():
     print(f"variance rel {err_var:.3e}")
     assert err_x0 < 1e-4 and err_xt < 1e-4 and err_var < 1e-5
     assert c["sigma"][-1] == 0 and want_var[-1] <= 1e-20
+
+
+def test_forward_noise_is_the_one_formula():
+    """add_noise, the protector's noised and the closed form agree bit for bit."""
+    from cpsample_fast.protector.report import noised
+    from cpsample_fast.schedule import alphas_cumprod_of, forward_noise
+
+    s = NoiseSchedule.linear()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, 2, 3, 3, generator=g)
+    eps = torch.randn(5, 2, 3, 3, generator=g)
+    t = torch.tensor([0, 1, 500, 998, 999])
+    ac = alphas_cumprod_of(s)
+    ref = ac[t].sqrt()[:, None, None, None] * x0 + (1 - ac[t]).sqrt()[:, None, None, None] * eps
+    for got in (s.add_noise(x0, eps, t), noised(x0, t, eps, ac), forward_noise(x0, eps, t, ac)):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="alphas_cumprod"):
+        alphas_cumprod_of(object())

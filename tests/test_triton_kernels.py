@@ -146,7 +146,7 @@ def test_guidance_seed_kernel_matches_torch(mode):
     scale = torch.tensor(1000.0 * 0.6)
     alpha = 0.001  # gate opens for |f| > log(1/α - 1) ≈ 6.9; 6.9 closed, 7.0 open
     c, q, m = ops.guidance_seed(logits, scale, alpha, mode, backend="triton")
-    c_ref, q_ref, m_ref = guidance.guidance_seed(logits, scale, alpha, mode)
+    c_ref, q_ref, m_ref = guidance.vjp_seed(logits, scale, alpha, mode)
     err_c = ((c - c_ref).abs() / c_ref.abs().clamp_min(1e-30)).max().item()
     err_q = (q - q_ref).abs().max().item()
     print(f"{mode}: max rel err c {err_c:.2e}, max abs err q {err_q:.2e}")

@@ -1,7 +1,7 @@
 """Benchmark harness shared by ``cpsample bench`` and ``benchmarks/`` (pytest-benchmark).
 
 - :mod:`.timing`: warm-up, device synchronisation, median / p20 / p80 over repeats;
-- :mod:`.records`: the one CSV schema (STYLE.md §7) and the run's environment;
+- :mod:`.records`: the one CSV schema (benchmarks/README.md) and the run's environment;
 - :mod:`.configs`: named configurations (``tiny``, ``cifar``, ``gpu35m``) and their models;
 - :mod:`.sampler_suite`: every sampling provider of a configuration, in one process;
 - :mod:`.update_suite`: the fused update alone per backend, GB/s against a measured copy.

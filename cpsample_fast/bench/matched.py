@@ -3,7 +3,7 @@ steps whose quality and protection match it, on the demo's digits model.
 
 The step count comes from ``scripts/dpm_quality_match.py`` (Fréchet distance at most 5% above
 DDIM-50's, replication cut at most 2 points below, seeds 0–3 pooled, 128 samples each, the demo's
-guidance settings as of the branch that measured it); its pooled numbers are recorded below and
+guidance settings when it was run); its pooled numbers are recorded below and
 printed next to the speeds measured in this run. ``cpsample bench --suite matched`` runs it.
 """
 
@@ -17,9 +17,8 @@ from .records import Row
 from .timing import measure
 
 DDIM_STEPS = 50
-# scripts/dpm_quality_match.py (benchmarks/dpm_quality_match/), seeds 0-3 x 128 pooled, the demo
-# guidance of this branch (entropy, α=0.3, s=225): DPM-Solver++-5 misses (FD 15.73 vs 13.63, +15%);
-# 6 steps is the fewest with FD ≤ 1.05× DDIM-50's and a cut no lower than DDIM-50's minus 2 points.
+# The fewest DPM-Solver++ steps with FD ≤ 1.05× DDIM-50's and a cut no lower than DDIM-50's
+# minus 2 points; the search and its numbers are in benchmarks/README.md (dpm_quality_match).
 MATCHED_DPM_STEPS = 6
 # (Fréchet distance of the protected samples, replication rate > 0.98 protected, cut vs the
 # solver's own plain run), pooled; recorded from that run.

@@ -1,6 +1,7 @@
 """One output schema for every benchmark: Liger-style CSV rows plus the run's environment.
 
-Columns (STYLE.md §7): ``op, provider, mode, metric, unit, x_name, x, median, p20, p80, device,
+Columns (benchmarks/README.md "CSV schema"): ``op, provider, mode, metric, unit, x_name, x, median,
+p20, p80, device,
 versions, commit, timestamp, extra``. A row is one measured quantity of one provider at one
 size; ``extra`` is a JSON object with the configuration that produced it. Rows are appended to a
 CSV file (rewritten atomically, so a killed run never leaves a half-written line) and kept in the
@@ -62,7 +63,7 @@ def device_name(device: torch.device | str) -> str:
 
 def versions() -> str:
     """``torch=…;triton=…;cpsample_fast=…;cuda=…`` of this process."""
-    from .. import __version__
+    from .._version import __version__
 
     parts = [f"torch={torch.__version__}"]
     try:
@@ -77,8 +78,13 @@ def versions() -> str:
 
 
 def git_commit(repo: str | os.PathLike | None = None) -> str:
-    """Short commit of the checkout holding this package (``+dirty`` when modified), or unknown."""
-    root = Path(repo) if repo is not None else Path(__file__).resolve().parents[2]
+    """Short commit of the git checkout at ``repo`` (default: the working directory, where the
+    user runs the benchmark), ``+dirty`` when modified, or ``unknown`` outside a checkout.
+
+    Not the package's own location: an installed wheel has no git history, so the commit that
+    identifies a run is the one of the project the user is measuring from.
+    """
+    root = Path(repo) if repo is not None else Path.cwd()
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],

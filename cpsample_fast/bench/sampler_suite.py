@@ -5,7 +5,7 @@ Providers (names used in the table, the CSV and ``--providers``):
 - ``reference``: :func:`cpsample_fast.reference.reference_sample` (imported, never rewritten),
   float32 models;
 - ``reference+bf16``: the same loop with the models in bf16 + channels_last (the baseline of
-  the low-precision accuracy rule, STYLE.md §4);
+  the low-precision accuracy rule: a bf16 provider's error at most twice the bf16 reference's);
 - ``fused``: :class:`cpsample_fast.CPSampler`, eager;
 - ``fused+compile``: ``CPSampler(compile=True)`` (one ``torch.compile(fullgraph=True)`` step);
 - ``fused+compile+bf16``: the same with the models in bf16 + channels_last;
@@ -30,10 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from ..adapters import ModelCaller
-from ..reference import reference_sample
+from ..model_caller import ModelCaller
+from ..reference import objective, reference_sample
 from .configs import BenchConfig, build_models, convert_model, default_schedule
 from .memory import peak_memory_mib, reset_peak_memory
 from .records import Row
@@ -190,11 +189,6 @@ class SamplerBenchResult:
     rows: list[Row]
 
 
-def _objective(f: torch.Tensor) -> torch.Tensor:
-    # repel: log q with q = sigmoid(|f|), as the reference differentiates it
-    return F.logsigmoid(f.abs())
-
-
 class SamplingContext:
     """Models, schedule, shapes and the shared initial noise of one run.
 
@@ -349,8 +343,7 @@ class SamplingContext:
         key = (spec.bf16, spec.fp32_protector, spec.guided, spec.fused, backend)
         if key in self.split_cache:
             return self.split_cache[key]
-        from ..ops import _torch as torch_ops
-        from ..ops import guided_update
+        from ..ops import guided_update, guided_update_spec
 
         s = self.settings
         eps, prot = self.models(spec.bf16, spec.fp32_protector)
@@ -384,7 +377,7 @@ class SamplingContext:
                     with torch.enable_grad():
                         xi = x.detach().requires_grad_(True)
                         f = prot_call(xi, t).float()
-                        return torch.autograd.grad(_objective(f).sum(), xi)[0].contiguous()
+                        return torch.autograd.grad(objective(f, "repel").sum(), xi)[0].contiguous()
 
             out["protector"], g = measure(
                 prot_fwd_bwd, repeats=reps, warmup=warm, device=self.device
@@ -402,7 +395,7 @@ class SamplingContext:
         else:
             # The reference's update is the same handful of eager elementwise ops.
             def update():
-                return torch_ops.guided_update(x, model_out, g, None, coefs, rng, **update_kwargs)
+                return guided_update_spec(x, model_out, g, None, coefs, rng, **update_kwargs)
 
         with torch.no_grad():
             out["update"], _ = measure(update, repeats=reps, warmup=warm, device=self.device)
@@ -424,9 +417,10 @@ def match_tolerance(ref_err_vs_fp64: float | None, ref_scale: float, bf16: bool)
     """Largest allowed max |provider - reference in the same dtype|.
 
     :data:`MATCH_RTOL` of the scale; with a float64 baseline, at least 5× the reference's own
-    error against it: STYLE.md §4's rule (the provider's error at most twice the reference's)
-    allows 3×, and compiled float32 measured ~3× the reference's error (inductor reorders the
-    float32 reductions; README "Measured here"). With random weights the bf16 trajectories are
+    error against it: the low-precision accuracy rule (the provider's error at most twice the
+    reference's) allows 3×, and compiled float32 can reach ~3× the reference's error (inductor
+    reorders the float32 reductions; benchmarks/README.md). With random weights the bf16
+    trajectories are
     chaotic (errors of order 1), which only the baseline can tell from a wrong kernel.
     """
     tol = MATCH_RTOL[bf16] * ref_scale

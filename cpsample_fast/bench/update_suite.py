@@ -114,8 +114,9 @@ def run_update_bench(
 ) -> tuple[list[UpdateMeasurement], list[Row], dict[str, str]]:
     """Time the copy ceiling and each backend of the fused update at each size.
 
-    Each backend's output is also checked against the torch specification (``_torch.py``) on
-    the same inputs: a mismatch is recorded in ``errors`` (the timing is kept).
+    Each backend's output is also checked against the torch specification
+    (``ops.guided_update_spec``) on the same inputs: a mismatch is recorded in ``errors`` (the
+    timing is kept).
 
     Args:
         settings: what to measure.
@@ -126,7 +127,7 @@ def run_update_bench(
     Returns:
         ``(measurements, rows, errors)``; a provider that fails is recorded in ``errors``.
     """
-    from ..ops import _torch as torch_ops
+    from ..ops import guided_update_spec
 
     say = progress or (lambda _msg: None)
     s = settings
@@ -134,7 +135,7 @@ def run_update_bench(
     backends = list(s.backends) if s.backends else native_backends(device)
     compiled = None
     if s.compile:
-        compiled = torch.compile(torch_ops.guided_update, fullgraph=True, dynamic=False)
+        compiled = torch.compile(guided_update_spec, fullgraph=True, dynamic=False)
     measurements: list[UpdateMeasurement] = []
     errors: dict[str, str] = {}
     rows: list[Row] = []
@@ -144,7 +145,7 @@ def run_update_bench(
         inner = _inner_calls(n, device)
         providers = _providers(x, o, g, coefs, rng, backends, compiled)
         with torch.no_grad():
-            spec = torch_ops.guided_update(x, o, g, None, coefs, rng, 0, True, False)
+            spec = guided_update_spec(x, o, g, None, coefs, rng, 0, True, False)
         spec_scale = max(float(spec.abs().max()), 1.0)
         copy_gbps = None
         for name, fn in providers.items():

@@ -15,7 +15,8 @@ import argparse
 import importlib
 import sys
 
-# subcommand -> module name (SPEC §5: at least demo, train-protector, sample, evaluate, bench)
+# subcommand -> module name (docs/ALGORITHM.md §5: at least demo, train-protector, sample,
+# evaluate, bench)
 SUBCOMMANDS = {
     "demo": "demo",
     "train-protector": "train_protector",
@@ -24,16 +25,6 @@ SUBCOMMANDS = {
     "bench": "bench",
     "tune": "tune",
 }
-
-
-def _load(module_name: str):
-    """The subcommand's module, or None when it is not part of this build yet."""
-    try:
-        return importlib.import_module(f"cpsample_fast.cli.{module_name}")
-    except ModuleNotFoundError as err:
-        if err.name == f"cpsample_fast.cli.{module_name}":
-            return None
-        raise
 
 
 # The exception types the package raises for bad input (docs/CONTRACTS.md "Bad input").
@@ -59,11 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module_name in SUBCOMMANDS.items():
-        module = _load(module_name)
-        if module is None:
-            p = sub.add_parser(name, help=f"({name}: not available in this version)")
-            p.set_defaults(_module=None, _name=name)
-            continue
+        module = importlib.import_module(f"cpsample_fast.cli.{module_name}")
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_module=module, _name=name)
@@ -73,9 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args._module is None:
-        print(f"cpsample {args._name}: not implemented in this version yet", file=sys.stderr)
-        return 2
     try:
         return int(args._module.main(args) or 0)
     except BAD_INPUT as err:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 
-SEED_LIMIT = 2**64  # seeds are 64-bit Philox keys: [0, 2**64)
+from ..constants import SEED_LIMIT
 
 
 def _int(text: str) -> int:

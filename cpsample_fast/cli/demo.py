@@ -22,6 +22,8 @@ import time
 import warnings
 from pathlib import Path
 
+from ..guidance import MODES
+
 HELP = "CPSample vs plain DDIM on a memorising digits model: replication, quality, membership"
 
 # The guidance defaults are the tuner's recommendation for the shipped UNet and protector
@@ -72,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed shared by both samplers")
     p.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="guidance scale s")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="gate threshold α")
-    p.add_argument("--mode", default=DEFAULT_MODE, choices=["repel", "attract", "entropy"])
+    p.add_argument("--mode", default=DEFAULT_MODE, choices=MODES)
     p.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS))
     p.add_argument(
         "--n-nonmembers",

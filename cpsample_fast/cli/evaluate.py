@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..guidance import MODES
+
 HELP = "evaluate samples: replication vs a training set, Fréchet distance/KID, membership attack"
 
 # Defaults of the options below that are ``None`` on the parser, so that "given" can be told from
@@ -128,7 +130,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mode",
         default=None,
-        choices=["repel", "attract", "entropy"],
+        choices=MODES,
         help=f"guidance mode for ε̂ (needs --protector; default {DEFAULT_MODE})",
     )
     p.add_argument(

@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..guidance import MODES
+from ..ops import BACKENDS
+from ..solvers import SOLVERS
 from . import _args as A
 
 OUTPUTS = ("npz", "shards", "images")
@@ -56,18 +59,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--solver",
         default="ddim",
-        choices=["ddim", "dpmsolver++"],
+        choices=SOLVERS,
         help="ddim (default) or dpmsolver++ (diffusers' DPM-Solver++(2M); needs --eta 0 and "
         "--steps >= 2; reaches DDIM-50's quality in fewer steps)",
     )
-    p.add_argument("--mode", default="repel", choices=["repel", "attract", "entropy"])
+    p.add_argument("--mode", default="repel", choices=MODES)
     p.add_argument("--seed", type=A.seed, default=0, help="noise seed in [0, 2**64)")
     p.add_argument(
         "--settings",
         help="settings JSON from `cpsample tune`: its mode/alpha/scale/guidance range/steps/eta "
         "replace those options; refused unless tuned for this --model and --protector",
     )
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "cpp", "torch"])
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--compile", action="store_true", help="torch.compile the whole step")
     p.add_argument("--bf16", action="store_true", help="run both models in bfloat16")
     p.add_argument("--channels-last", action="store_true", help="models in channels_last")

@@ -42,8 +42,9 @@ import warnings
 
 import torch
 
-from ..adapters import ModelCaller
-from ..guidance import check_alpha, guidance_seed, mode_id
+from ..constants import PREDICTION_TYPES
+from ..guidance import check_alpha, mode_id, vjp_seed
+from ..model_caller import ModelCaller
 from ..trace import SamplingTrace
 
 # scheduler class name -> where its sample lives (see the module docstring)
@@ -60,7 +61,6 @@ _KINDS = {
     "LMSDiscreteScheduler": "ve_sigma",
 }
 SUPPORTED_SCHEDULERS = tuple(_KINDS)
-_PREDICTIONS = ("epsilon", "v_prediction", "sample")
 # config values that change the maths in ways the conversion above does not cover
 _REFUSED = {
     "thresholding": (True,),
@@ -90,9 +90,10 @@ def check_scheduler(scheduler) -> str:
                 "guidance (it changes the parametrisation the protector is trained in)"
             )
     pred = config.get("prediction_type", "epsilon")
-    if pred not in _PREDICTIONS:
+    if pred not in PREDICTION_TYPES:
         raise ValueError(
-            f"scheduler: prediction_type={pred!r} is not supported; expected one of {_PREDICTIONS}"
+            f"scheduler: prediction_type={pred!r} is not supported; expected one of "
+            f"{PREDICTION_TYPES}"
         )
     return _KINDS[name]
 
@@ -250,7 +251,7 @@ class ProtectedScheduler:
                     f"{list(x_t.shape)}, got {getattr(f, 'shape', type(f).__name__)}"
                 )
             f = f.reshape(B).float()
-            c, q, m = guidance_seed(f.detach(), 1.0, self.alpha, self.mode)
+            c, q, m = vjp_seed(f.detach(), 1.0, self.alpha, self.mode)
             (g,) = torch.autograd.grad(f, x_in, grad_outputs=c)
         G = g.float() * (self.scale * s1)
         return G, f.detach(), q, m

@@ -1,11 +1,11 @@
-"""Membership inference: Matsumoto et al.'s reconstruction-error attack (SPEC §6).
+"""Membership inference: Matsumoto et al.'s reconstruction-error attack (docs/ALGORITHM.md §6).
 
 Score of an image ``x`` at timestep ``t``: ``‖ε - D(√ᾱ_t x + √(1-ᾱ_t) ε, t)‖²`` (mean over pixels
 and over the chosen timesteps and noise draws), where ``D`` is either the plain denoiser ε or the
-CPSample denoiser ``ε̂ = ε + s·√(1-ᾱ_t)·m·g`` (same protector, α, s and mode as sampling; SPEC §3
-steps 2–5). Members of an overfitted model reconstruct better (lower score). The statistics are
-the paper's Table 3 form — a one-sided two-sample z test of "members have lower error" — plus
-ROC AUC and the TPR at 1% FPR.
+CPSample denoiser ``ε̂ = ε + s·√(1-ᾱ_t)·m·g`` (same protector, α, s and mode as sampling;
+docs/ALGORITHM.md §3 steps 2–5). Members of an overfitted model reconstruct better (lower score).
+The statistics are the paper's Table 3 form — a one-sided two-sample z test of "members have
+lower error" — plus ROC AUC and the TPR at 1% FPR.
 
 Headline strength, two-sided: ``max(AUC, 1 − AUC)`` and ``|z|``. A denoiser (e.g. CPSample's ε̂
 with strong guidance) can make members reconstruct *worse* than non-members; the one-sided test
@@ -30,13 +30,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..guidance import check_alpha, guidance_seed, mode_id
+from ..constants import STREAM_MEMBERSHIP
+from ..guidance import check_alpha, mode_id, vjp_seed
 from ..noise import philox_normal
+from ..schedule import alphas_cumprod_of, forward_noise
+from ..validation import check_int
 from .replication import as_image_batch
 
-# Counter word c3 of the attack's noise: disjoint from the sampler's streams (0: step noise,
-# 1: initial noise, docs/CONTRACTS.md), so attack draws never coincide with sampling draws.
-STREAM_MEMBERSHIP = 2
+# The attack's noise uses its own Philox stream (constants.STREAM_MEMBERSHIP), disjoint from the
+# sampler's, so attack draws never coincide with sampling draws.
 
 THREAT_MODELS = {
     "eps": (
@@ -49,13 +51,6 @@ THREAT_MODELS = {
         "the noise schedule and holds the candidate images, no access to the raw eps"
     ),
 }
-
-
-def _alphas_cumprod(schedule) -> torch.Tensor:
-    ac = getattr(schedule, "alphas_cumprod", schedule)
-    if not isinstance(ac, torch.Tensor) or ac.dim() != 1:
-        raise TypeError("schedule must have alphas_cumprod (a tensor [T]) or be that tensor")
-    return ac.float()
 
 
 def _to_epsilon(o, x, sa, s1, prediction_type: str):
@@ -83,10 +78,11 @@ def denoiser_output(
     """ε (no protector or ``scale = 0``) or the CPSample ε̂ at ``(x_t, t)`` ``[B, C, H, W]``.
 
     ε̂ = ε + G with G the VJP of the protector's logits with the seed of
-    :func:`cpsample_fast.guidance.guidance_seed` (SPEC §3 step 5). With ``guidance_range``
-    (inclusive ``(t_min, t_max)``, as ``CPSampler``'s), samples whose t lies outside get ε.
+    :func:`cpsample_fast.guidance.vjp_seed` (docs/ALGORITHM.md §3 step 5). With
+    ``guidance_range`` (inclusive ``(t_min, t_max)``, as ``CPSampler``'s), samples whose t lies
+    outside get ε.
     """
-    ac = _alphas_cumprod(schedule).to(x_t.device)
+    ac = alphas_cumprod_of(schedule).to(x_t.device)
     a = ac[t][:, None, None, None]
     sa, s1 = a.sqrt(), (1 - a).sqrt()
     ptype = getattr(schedule, "prediction_type", "epsilon")
@@ -100,7 +96,7 @@ def denoiser_output(
         # One seed per sample; t is shared within a call, so s·√(1-ᾱ_t) is that of t[0]. Calls
         # with mixed t pass a per-sample scale (broadcasts the same way).
         scale_t = float(scale) * s1.flatten()
-        c, _, _ = guidance_seed(logits.detach(), scale_t, alpha, mode)
+        c, _, _ = vjp_seed(logits.detach(), scale_t, alpha, mode)
         if guidance_range is not None:
             c = c * ((t >= guidance_range[0]) & (t <= guidance_range[1])).to(c.dtype)
         (g,) = torch.autograd.grad(logits, x, grad_outputs=c)
@@ -143,15 +139,13 @@ def reconstruction_errors(
         float32 ``[N, len(timesteps)]``.
     """
     x = as_image_batch(images, "images")
-    ac = _alphas_cumprod(schedule)
+    ac = alphas_cumprod_of(schedule)
     T = ac.shape[0]
     ts = [int(t) for t in timesteps]
     if not ts or any(not 0 <= t < T for t in ts):
         raise ValueError(f"timesteps must be a non-empty list in [0, {T - 1}], got {list(ts)}")
-    if isinstance(n_noise, bool) or not isinstance(n_noise, int) or n_noise < 1:
-        raise ValueError(f"n_noise must be an int >= 1, got {n_noise!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_int("n_noise", n_noise)
+    check_int("batch_size", batch_size)
     if protector is not None and scale:
         check_alpha(alpha)
         mode_id(mode)
@@ -164,8 +158,7 @@ def reconstruction_errors(
                 idx = torch.arange(s, s + x0.shape[0], dtype=torch.int64, device=device)  # [B]
                 e = philox_normal(seed, idx, k * n_noise + r, STREAM_MEMBERSHIP, x.shape[1:])
                 tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
-                a = ac[t].to(device)
-                xt = a.sqrt() * x0 + (1 - a).sqrt() * e
+                xt = forward_noise(x0, e, tt, ac)
                 d = denoiser_output(
                     eps_model,
                     xt,

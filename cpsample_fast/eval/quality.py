@@ -1,4 +1,5 @@
-"""Sample quality: Fréchet distance and KID between generated and held-out real images (SPEC §6).
+"""Sample quality: Fréchet distance and KID between generated and held-out real images
+(docs/ALGORITHM.md §6).
 
 Feature spaces, always named in the result:
 

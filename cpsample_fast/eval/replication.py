@@ -1,4 +1,5 @@
-"""Replication: how close each generated image comes to its nearest training image (SPEC §6).
+"""Replication: how close each generated image comes to its nearest training image
+(docs/ALGORITHM.md §6).
 
 Two criteria, both on features (pixels by default, or any user feature extractor such as SSCD or
 DINOv2 loaded from local weights):
@@ -32,6 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..data import check_images
+
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
 # keys × dims above which "auto" prefers faiss (when installed): 2e9 floats = 8 GB of features.
@@ -52,13 +55,9 @@ def as_image_batch(images, name: str) -> torch.Tensor:
         images = images[:, None]
     if images.dim() != 4:
         raise ValueError(f"{name} must be [N, C, H, W] (or [N, H, W]), got {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise ValueError(f"{name} is empty (0 images)")
-    images = images.float()
-    if not torch.isfinite(images).all():
-        bad = (~torch.isfinite(images.flatten(1))).any(1).nonzero().flatten()[:5].tolist()
-        raise ValueError(f"{name} contains NaN or inf (first bad images: {bad})")
-    return images
+    if not images.is_floating_point():
+        images = images.float()  # the audit compares any numeric range, uint8 included
+    return check_images(images, name, value_range=None)
 
 
 def _check_same_shape(a: torch.Tensor, b: torch.Tensor, na: str, nb: str) -> None:
@@ -319,7 +318,8 @@ def replication(
     feature_name: str | None = None,
     blur_sigma: float | None = None,
 ) -> ReplicationResult:
-    """Nearest-training-neighbour similarity of generated images (SPEC §6, replication).
+    """Nearest-training-neighbour similarity of generated images (docs/ALGORITHM.md §6,
+    replication).
 
     Args:
         generated: generated images ``[N, C, H, W]`` (tensor or numpy).

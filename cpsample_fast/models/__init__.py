@@ -1,8 +1,9 @@
 """ε-models for tests and the demo: the exact empirical denoiser and a small trainable UNet."""
 
+from .checkpoint import load_checkpoint, load_unet, save_checkpoint
 from .digits import digits_split, load_digits_unet
 from .empirical import EmpiricalDenoiser
-from .train import TrainReport, load_checkpoint, load_unet, save_checkpoint, train_diffusion
+from .train import TrainReport, train_diffusion
 from .unet import UNET_CONFIGS, SmallUNet, UNetConfig
 
 __all__ = [

@@ -75,7 +75,7 @@ def load_digits_unet(path: str | Path | None = None):
         ``(model, meta)``: a :class:`~cpsample_fast.models.unet.SmallUNet` in eval mode (float32)
         and the JSON sidecar (config, schedule, split, training command and losses).
     """
-    from .train import load_unet
+    from .checkpoint import load_unet
 
     path = Path(path) if path is not None else DIGITS_UNET
     if not path.exists():

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..data import check_images
+
 
 class EmpiricalDenoiser(nn.Module):
     """``ε*(x_t, t)`` of a finite training set (see module doc).
@@ -27,11 +29,7 @@ class EmpiricalDenoiser(nn.Module):
 
     def __init__(self, images: torch.Tensor, schedule, chunk_size: int = 4096):
         super().__init__()
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images)
-            raise ValueError(f"images must be a non-empty [N, C, H, W] tensor, got {shape}")
-        if not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or inf")
+        check_images(images, "images", value_range=None)
         ac = getattr(schedule, "alphas_cumprod", schedule)
         if not isinstance(ac, torch.Tensor) or ac.dim() != 1:
             raise TypeError("schedule must have alphas_cumprod (a tensor [T]) or be that tensor")

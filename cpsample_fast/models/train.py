@@ -1,4 +1,4 @@
-"""Training loop for ε-models: the DDPM simple loss, EMA, atomic safetensors checkpoints, resume.
+"""Training loop for ε-models: the DDPM simple loss, EMA and resume (files: :mod:`.checkpoint`).
 
 Used to produce the memorising digits model the demo ships (``scripts/train_digits_unet.py``):
 trained long enough on a few dozen images, the model reproduces them — the worst case a defence
@@ -12,7 +12,6 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,23 +19,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..io import (
-    load_safetensors,
-    read_json,
-    refuse_pickle,
-    safetensors_metadata,
-    save_safetensors_atomic,
-    write_json_atomic,
-)
+from ..data import check_images
+from ..schedule import alphas_cumprod_of, forward_noise
+from .checkpoint import load_checkpoint, save_checkpoint
 
-# Header key of the safetensors file holding the JSON metadata: the weights, optimiser, RNG
-# state and ``step`` then live in one file written by one atomic rename, so a run killed at any
-# moment leaves either the old or the new checkpoint, never weights of one step with the
-# ``step`` of another. The ``.json`` sidecar is a readable copy written afterwards.
-_META_KEY = "cpsample_fast.meta"
-# Header key of the checksum of the tensor contents (names, dtypes, shapes, bytes): a flipped
-# bit in the weights makes ``load_checkpoint`` refuse the file instead of sampling from it.
-_SHA_KEY = "cpsample_fast.tensors_sha256"
 TRAIN_STATE_FORMAT = "cpsample_fast.train-diffusion-state/1"
 
 
@@ -55,116 +41,6 @@ class TrainReport:
     losses: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
     images_per_second: float = 0.0
-
-
-def _alphas_cumprod(schedule) -> torch.Tensor:
-    ac = getattr(schedule, "alphas_cumprod", schedule)
-    if not isinstance(ac, torch.Tensor) or ac.dim() != 1:
-        raise TypeError("schedule must have alphas_cumprod (a float tensor [T]) or be that tensor")
-    return ac.float()
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> None:
-    """safetensors (with ``meta`` in its header) then a JSON sidecar copy, each atomic.
-
-    The safetensors rename is the commit: :func:`load_checkpoint` reads ``meta`` from the header,
-    so a kill before the sidecar is replaced leaves a stale sidecar but a consistent checkpoint.
-    """
-    from ..shards import content_sha256
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(meta, sort_keys=True, allow_nan=False)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    header = {_META_KEY: text, _SHA_KEY: content_sha256(tensors)}
-    save_safetensors_atomic(path, tensors, metadata=header)
-    write_json_atomic(path.with_suffix(".json"), meta)
-
-
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict, **extra) -> None:
-    """Write ``model``'s weights as safetensors (prefix ``model.``) and ``meta`` as JSON beside.
-
-    Args:
-        path: ``.safetensors`` file; the sidecar is the same name with ``.json``.
-        model: weights to store.
-        meta: JSON-able metadata (model config, schedule, data fingerprint, ...); stored in the
-            safetensors header (authoritative) and copied to the sidecar.
-        **extra: more tensors dicts, stored under their keyword as prefix (e.g. ``ema=...``,
-            ``opt=...``).
-    """
-    tensors = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
-    for prefix, d in extra.items():
-        tensors.update({f"{prefix}.{k}": v.detach().cpu() for k, v in d.items()})
-    _atomic_save(tensors, meta, Path(path))
-
-
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """Read a checkpoint written by :func:`save_checkpoint`.
-
-    Args:
-        path: the ``.safetensors`` file.
-
-    Returns:
-        ``(groups, meta)``: tensors grouped by prefix (``groups["model"]`` is a state dict) and
-        the metadata: from the safetensors header when it carries it (written in the same
-        atomic rename as the tensors), else from the JSON sidecar (older files).
-
-    Raises:
-        ValueError: the file is unreadable (e.g. truncated), or its tensors do not match the
-            checksum in its header (a corrupted or modified file). A file without a checksum
-            (written before checksums existed) loads with a warning.
-    """
-    from ..shards import content_sha256
-
-    path = refuse_pickle(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        flat = load_safetensors(path)
-        header = safetensors_metadata(path)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt): {exc}") from None
-    if _SHA_KEY in header:
-        if content_sha256(flat) != header[_SHA_KEY]:
-            raise ValueError(
-                f"checkpoint {path} is corrupt: its tensors do not match the checksum in its "
-                "header; restore it from a good copy"
-            )
-    else:
-        warnings.warn(
-            f"checkpoint {path} has no content checksum (an old file), so it cannot be verified; "
-            "save it again with cpsample_fast.models.save_checkpoint to add one",
-            stacklevel=2,
-        )
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for k, v in flat.items():
-        prefix, _, name = k.partition(".")
-        groups.setdefault(prefix, {})[name] = v
-    if _META_KEY in header:
-        meta = json.loads(header[_META_KEY])
-    else:
-        side = path.with_suffix(".json")
-        meta = read_json(side) if side.exists() else {}
-    return groups, meta
-
-
-def load_unet(path: str | os.PathLike):
-    """A :class:`~cpsample_fast.models.unet.SmallUNet` from a :func:`save_checkpoint` file.
-
-    Returns:
-        ``(model, meta)``: the UNet in eval mode (float32, no gradients) and the metadata, which
-        must hold ``unet_config`` (and normally ``schedule``).
-    """
-    from .unet import SmallUNet, UNetConfig
-
-    groups, meta = load_checkpoint(path)
-    if "unet_config" not in meta:
-        raise ValueError(
-            f"{path}: its metadata must hold 'unet_config' (written by "
-            "cpsample_fast.models.save_checkpoint with the model's config)"
-        )
-    model = SmallUNet(UNetConfig.from_dict(meta["unet_config"]))
-    model.load_state_dict({k: v.float() for k, v in groups["model"].items()})
-    return model.eval().requires_grad_(False), meta
 
 
 def _tensor_sha256(x: torch.Tensor) -> str:
@@ -278,13 +154,10 @@ def train_diffusion(
     Returns:
         ``(model, report)``; ``model`` holds the EMA weights (or the raw ones without EMA).
     """
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty [N, C, H, W] tensor, got {images!r:.80}")
-    if not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or inf")
+    images = check_images(images, "images", value_range=None)
     if steps < 0 or batch_size < 1:
         raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {steps}, {batch_size}")
-    ac = _alphas_cumprod(schedule)
+    ac = alphas_cumprod_of(schedule)
     T = ac.shape[0]
     device = next(model.parameters()).device
     images = images.float().to(device)
@@ -368,8 +241,7 @@ def train_diffusion(
         x0 = images[idx.to(device)]
         t = torch.randint(0, T, (batch_size,), generator=gen).to(device)
         eps = torch.randn(x0.shape, generator=gen).to(device)
-        a = ac[t][:, None, None, None]
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        xt = forward_noise(x0, eps, t, ac)
         loss = (model(xt, t) - eps).pow(2).mean()
         for g in opt.param_groups:
             g["lr"] = lr_at(step)

@@ -11,10 +11,11 @@ import torch
 
 from .. import guidance as _guidance
 from .. import noise as _noise
+from ..constants import PREDICTION_TYPE_IDS
 
-PREDICTION_EPSILON = 0
-PREDICTION_V = 1
-PREDICTION_SAMPLE = 2
+PREDICTION_EPSILON = PREDICTION_TYPE_IDS["epsilon"]
+PREDICTION_V = PREDICTION_TYPE_IDS["v_prediction"]
+PREDICTION_SAMPLE = PREDICTION_TYPE_IDS["sample"]
 
 
 def _x0_eps(x, model_out, sa, s1, prediction_type):
@@ -46,7 +47,7 @@ def guided_update(
     ``ε̂ = ε + G``; the clip acts on the model's own x̂0 exactly as in diffusers' step, and the
     guidance moves the (x̂0, ε) pair consistently whatever the clip did. Without guidance this is
     diffusers' step bit for bit. With ``use_clipped_model_output``, ``ε̂ = (x - sa·x̂0)/s1``.
-    Inputs are assumed validated (see ``ops.guided_update.check_guided_update_args``).
+    Inputs are assumed validated (see ``ops._guided_update_op.check_guided_update_args``).
 
     Returns:
         float32 ``[B, ...]``: ``x_{t'} = sp·x̂0 + d·ε̂ + σ·z``.
@@ -133,12 +134,12 @@ def guidance_seed(
     alpha: float,
     mode: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The per-sample VJP seed, confidence and gate (``cpsample_fast.guidance.guidance_seed``).
+    """The per-sample VJP seed, confidence and gate (``cpsample_fast.guidance.vjp_seed``).
 
     Returns:
         ``(c [B] float32, q [B] float32, gate [B] bool)``.
     """
-    return _guidance.guidance_seed(logits, scale_t, alpha, _guidance.MODES[mode])
+    return _guidance.vjp_seed(logits, scale_t, alpha, _guidance.MODES[mode])
 
 
 def dpm_update(

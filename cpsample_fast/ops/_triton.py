@@ -29,9 +29,9 @@ Design of ``_guided_update_kernel`` (docs/CONTRACTS.md "The fused update"):
   log/cos to libdevice, so GPU normals differ from the CPU torch/C++ ones by a few ulp.
 - ``BLOCK = 1024`` with 4 warps on GPU: the usual choice for an elementwise, bandwidth-bound
   kernel (8 fp32 per thread per stream). It is not autotuned: autotuning needs host-side timing
-  runs at first call and would fight CUDA-graph capture; not measured yet (no GPU here).
-  Under the interpreter one program costs ~5 ms whatever its size, so the launcher uses one big
-  block per sample there.
+  runs at first call and would fight CUDA-graph capture.
+  Under the interpreter each program has a large fixed cost whatever its size, so the launcher
+  uses one big block per sample there.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from .. import guidance as _guidance
 try:
     import triton
     import triton.language as tl
-except ImportError:  # Triton is optional (STYLE.md §3)
+except ImportError:  # Triton is optional: the torch and _C backends need no extra package
     triton = None
     tl = None
 
@@ -55,9 +55,7 @@ GPU_NUM_WARPS = 4
 INTERPRETER_MAX_BLOCK = 1 << 16
 MAX_GRID_Y = 65535
 
-NOISE_NONE = 0
-NOISE_TENSOR = 1
-NOISE_DRAW = 2
+from ..constants import NOISE_DRAW, NOISE_NONE, NOISE_TENSOR  # noqa: E402  (after the optional import)
 
 
 def has_triton() -> bool:

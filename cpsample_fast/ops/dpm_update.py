@@ -12,18 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from ..constants import PREDICTION_TYPE_IDS, prediction_type_id
 from ..solvers import NUM_DPM_COEFS
-from . import _torch
+from . import _backends, _torch
 from . import _triton as _triton_impl
-from .guided_update import (
-    _BUILD_HINT,
-    BACKENDS,
-    PREDICTION_TYPES,
-    _check_like_x,
-    _check_small,
-    _get_ext,
-    resolve_backend,
-)
+from ._backends import _BUILD_HINT, BACKENDS, resolve_backend
+from ._guided_update_op import _check_like_x, _check_small
 
 
 def _renamed(fn, *args):
@@ -54,7 +48,7 @@ def check_dpm_update_args(
     )  # fmt: skip
     if isinstance(prediction_type, bool) or not isinstance(prediction_type, int):
         raise TypeError(f"dpm_update: prediction_type must be an int, got {prediction_type!r}")
-    if prediction_type not in PREDICTION_TYPES.values():
+    if prediction_type not in PREDICTION_TYPE_IDS.values():
         raise ValueError(
             "dpm_update: prediction_type must be 0 (epsilon), 1 (v_prediction) or 2 (sample), "
             f"got {prediction_type}"
@@ -66,7 +60,7 @@ def check_dpm_update_args(
 
 
 def _run_ext(x, model_out, guidance, x0_prev, coefs, prediction_type, clip_sample):
-    ext = _get_ext()
+    ext = _backends.get_ext()
     if ext is None or not hasattr(ext, "dpm_update"):
         raise RuntimeError(f"cpsample_fast._C is not built (or predates dpm_update); {_BUILD_HINT}")
     out, x0 = ext.dpm_update(x, model_out, guidance, x0_prev, coefs, prediction_type, clip_sample)
@@ -90,9 +84,7 @@ _IMPLS = {
     ),
 )
 def _dpm_update_op(x, model_out, guidance, x0_prev, coefs, prediction_type, clip_sample, backend):
-    check_dpm_update_args(
-        x, model_out, guidance, x0_prev, coefs, prediction_type, clip_sample, backend
-    )
+    # Checked once by the wrapper (eager) or the fake (tracing); the body trusts its arguments.
     x, model_out, x0_prev = x.contiguous(), model_out.contiguous(), x0_prev.contiguous()
     guidance = None if guidance is None else guidance.contiguous()
     impl = _IMPLS[resolve_backend(backend, x.device)]
@@ -170,12 +162,10 @@ def dpm_update(
         ``(x_{t'}, x0)``: float32 ``[B, ...]``; ``x0`` is the next step's ``x0_prev``.
     """
     if isinstance(prediction_type, str):
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"dpm_update: prediction_type must be one of {tuple(PREDICTION_TYPES)} or "
-                f"0/1/2, got {prediction_type!r}"
-            )
-        prediction_type = PREDICTION_TYPES[prediction_type]
+        try:
+            prediction_type = prediction_type_id(prediction_type)
+        except ValueError as err:
+            raise ValueError(f"dpm_update: {err}") from None
     check_dpm_update_args(
         x, model_out, guidance, x0_prev, coefs, prediction_type, clip_sample, backend
     )

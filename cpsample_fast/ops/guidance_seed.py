@@ -1,9 +1,9 @@
 """``cpsample::guidance_seed``: logits → (VJP seed c, confidence q, gate m) as a torch.library op.
 
-Wraps ``cpsample_fast.guidance.guidance_seed`` (SPEC §3 steps 2–5). Backends: ``"torch"`` (the
-math of ``guidance.py``) and ``"triton"`` (one fused kernel in ``_triton.py``). The compiled
-extension has no kernel for this ``[B]``-sized op, so ``"cpp"``/``"cuda"`` run the torch version,
-and ``"auto"`` picks triton where it runs natively (CUDA tensors), else torch.
+Wraps ``cpsample_fast.guidance.vjp_seed`` (docs/ALGORITHM.md §3 steps 2–5). Backends:
+``"torch"`` (the math of ``guidance.py``) and ``"triton"`` (one fused kernel in ``_triton.py``).
+The compiled extension has no kernel for this ``[B]``-sized op, so ``"cpp"``/``"cuda"`` run the
+torch version, and ``"auto"`` picks triton where it runs natively (CUDA tensors), else torch.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from .. import guidance as _guidance
 from . import _torch
 from . import _triton as _triton_impl
-from .guided_update import BACKENDS
+from ._backends import BACKENDS, resolve_backend
 
 
 def check_guidance_seed_args(
@@ -55,16 +55,11 @@ def check_guidance_seed_args(
 
 
 def _resolve(backend: str, device: torch.device) -> str:
-    if backend == "triton":
-        if not _triton_impl.supports_device(device):
-            raise RuntimeError(
-                f"backend='triton' cannot run on {device.type} tensors here: it needs Triton and "
-                "CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
-            )
-        return "triton"
-    if backend == "auto" and device.type == "cuda" and _triton_impl.supports_device(device):
-        return "triton"
-    return "torch"
+    """Triton or torch: ``_C`` has no kernel for this ``[B]``-sized op, so cpp/cuda run torch."""
+    if backend in ("cpp", "cuda"):
+        return "torch"
+    name = resolve_backend(backend, device)
+    return name if name == "triton" else "torch"
 
 
 @torch.library.custom_op(
@@ -76,7 +71,7 @@ def _resolve(backend: str, device: torch.device) -> str:
     ),
 )
 def _guidance_seed_op(logits, scale_t, alpha, mode, backend):
-    check_guidance_seed_args(logits, scale_t, alpha, mode, backend)
+    # Checked once by the wrapper (eager) or the fake (tracing); the body trusts its arguments.
     if _resolve(backend, logits.device) == "triton":
         return _triton_impl.guidance_seed(logits, scale_t, alpha, mode)
     return _torch.guidance_seed(logits, scale_t, alpha, mode)  # fresh tensors, no aliasing
@@ -97,7 +92,8 @@ def guidance_seed(
     *,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample VJP seed ``c_b = s·√(1-ᾱ_t)·m_b·w(f_b)·sign(f_b)`` (SPEC §3 steps 2–5).
+    """Per-sample VJP seed ``c_b = s·√(1-ᾱ_t)·m_b·w(f_b)·sign(f_b)`` (docs/ALGORITHM.md §3 steps
+    2–5).
 
     Args:
         logits: ``[B]`` float protector logits.

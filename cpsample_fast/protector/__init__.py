@@ -1,9 +1,11 @@
-"""The protector (SPEC §2): a time-conditioned classifier that memorises random member labels."""
+"""The protector (docs/ALGORITHM.md §2): a time-conditioned classifier that memorises random member
+labels."""
 
+from .checkpoint import load_protector, save_protector
 from .labels import VerifyResult, dataset_fingerprint, draw_labels, verify_protector
 from .model import ProtectorNet
 from .report import ProtectorReport, evaluate_protector
-from .train import load_protector, save_protector, train_protector
+from .train import train_protector
 
 __all__ = [
     "ProtectorNet",

@@ -1,7 +1,7 @@
 """Random member labels, the training-set fingerprint and the check that ties them together.
 
 A protector is only meaningful together with the labels it memorised and the images they belong
-to (SPEC §2), so both are stored with every checkpoint and checked before use.
+to (docs/ALGORITHM.md §2), so both are stored with every checkpoint and checked before use.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ FINGERPRINT_METHOD = "sha256(int32 LE round((x + 1) * 261120)), NCHW order"
 
 
 def draw_labels(n: int, seed: int) -> torch.Tensor:
-    """I.i.d. ``y_i ~ Bernoulli(1/2)`` from a dedicated CPU generator (SPEC §2).
+    """I.i.d. ``y_i ~ Bernoulli(1/2)`` from a dedicated CPU generator (docs/ALGORITHM.md §2).
 
     Args:
         n: Number of training images.

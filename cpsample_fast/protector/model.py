@@ -1,4 +1,5 @@
-"""``ProtectorNet``: the default time-conditioned classifier ``f(x_t, t) -> [B]`` (SPEC §2).
+"""``ProtectorNet``: the default time-conditioned classifier ``f(x_t, t) -> [B]``
+(docs/ALGORITHM.md §2).
 
 A small convolutional encoder: sinusoidal timestep embedding → MLP; residual blocks with
 GroupNorm + SiLU and an additive timestep projection; strided-conv downsampling; optional
@@ -79,7 +80,7 @@ def default_channel_mult(resolution: int) -> tuple[int, ...]:
 
 
 class ProtectorNet(nn.Module):
-    """Time-conditioned convolutional classifier ``f(x_t, t) -> logits [B]`` (SPEC §2).
+    """Time-conditioned convolutional classifier ``f(x_t, t) -> logits [B]`` (docs/ALGORITHM.md §2).
 
     Args:
         in_channels: Image / latent channels (3 for RGB, 1 for grayscale, 4 for SD latents).

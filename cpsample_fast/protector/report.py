@@ -1,4 +1,4 @@
-"""Where a protector can act: member accuracy and confidence per noise level (SPEC §2).
+"""Where a protector can act: member accuracy and confidence per noise level (docs/ALGORITHM.md §2).
 
 :func:`evaluate_protector` noises every image once per timestep bin with a fixed, seeded
 generator and records, per bin, the accuracy against the labels, the mean confidence
@@ -21,6 +21,7 @@ from torch import nn
 
 from ..guidance import gate as _gate
 from ..io import atomic_path, write_json_atomic
+from ..schedule import forward_noise
 
 REPORT_GATE_ALPHA = 0.001  # the paper's α (Fig. 1); the gate fraction reported per bin
 
@@ -31,9 +32,9 @@ def noised(
     noise: torch.Tensor,  # [B, C, H, W]
     alphas_cumprod: torch.Tensor,  # [T] float32
 ) -> torch.Tensor:
-    """``√ᾱ_t x0 + √(1-ᾱ_t) ε`` (SPEC §2), in float32 like diffusers' ``add_noise``."""
-    a = alphas_cumprod.to(x0.device)[t].float()[:, None, None, None]
-    return a.sqrt() * x0 + (1.0 - a).sqrt() * noise
+    """``√ᾱ_t x0 + √(1-ᾱ_t) ε`` (docs/ALGORITHM.md §2): :func:`cpsample_fast.schedule.forward_noise`
+    in float32."""
+    return forward_noise(x0.float(), noise.float(), t, alphas_cumprod.float())
 
 
 def timestep_bins(t_lo: int, t_hi: int, bins: int) -> list[int]:

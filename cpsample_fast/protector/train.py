@@ -1,4 +1,4 @@
-"""``train_protector`` (SPEC §2) and protector checkpoints.
+"""``train_protector`` (docs/ALGORITHM.md §2); checkpoints are in :mod:`.checkpoint`.
 
 Training minimises binary cross-entropy of ``f(√ᾱ_t x_i + √(1-ᾱ_t) ε, t)`` against the random
 member labels ``y_i``, with ``t`` uniform over the schedule (or a sub-range / weighting); hold-out
@@ -18,7 +18,6 @@ resumes under another. Only rank 0 writes checkpoints. The maths is docs/ALGORIT
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -32,32 +31,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import __version__
-from ..data import as_image_tensor
+from ..data import as_image_tensor, check_images
 from ..io import (
     ensure_writable_dir,
     load_safetensors,
     read_json,
-    refuse_pickle,
-    safetensors_metadata,
     save_safetensors_atomic,
     write_json_atomic,
 )
+from ..validation import check_int, check_seed
 from .labels import dataset_fingerprint, draw_labels
 from .model import ProtectorNet
 from .report import ProtectorReport, evaluate_protector, noised, timestep_bins
 
-CHECKPOINT_FORMAT = "cpsample_fast.protector/1"
 TRAIN_STATE_FORMAT = "cpsample_fast.protector-train-state/1"
 _STATE_JSON = "train_state.json"
 # The only file names a train_state.json pointer may name (same folder, no path parts).
 _WEIGHTS_RE = re.compile(r"train_state-\d{9}\.safetensors")
-
-
-def _check_int(name: str, value: Any, lo: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-    return value
 
 
 def _check_finite(name: str, value: Any, lo: float, *, strict: bool = False) -> float:
@@ -70,14 +60,6 @@ def _check_finite(name: str, value: Any, lo: float, *, strict: bool = False) -> 
             f"{name} must be a finite number {'>' if strict else '>='} {lo:g}, got {v}"
         )
     return v
-
-
-def _check_seed(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if not 0 <= value < 2**64:
-        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
-    return value
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -131,7 +113,8 @@ def _build_protector(
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in protector.modules()):
             raise ValueError(
                 "protector contains BatchNorm, which mixes samples across the batch in training; "
-                "guidance needs per-sample logits (use GroupNorm or LayerNorm, SPEC §2)"
+                "guidance needs per-sample logits (use GroupNorm or LayerNorm; docs/ALGORITHM.md "
+                "§2)"
             )
         return protector
     if protector is not None and not isinstance(protector, Mapping):
@@ -263,13 +246,32 @@ def _as_latents(latents, name: str) -> torch.Tensor:
     """Latents ``[N, C, H, W]`` as float32: finite, any range (``train_protector(latent=True)``)."""
     if isinstance(latents, np.ndarray):
         latents = torch.from_numpy(latents)
-    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor [N, C, H, W] of latents")
-    if latents.dim() != 4 or latents.numel() == 0:
-        raise ValueError(f"{name} must have shape [N, C, H, W], got {tuple(latents.shape)}")
-    if not bool(torch.isfinite(latents).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return latents.float()
+    return check_images(latents, name, value_range=None)
+
+
+def _final_report(
+    net: nn.Module, x, labels, h, ac, fingerprint, label_seed: int, seed: int, training: dict,
+    *, bins: int, max_images: int,
+) -> ProtectorReport:  # fmt: skip
+    """Evaluation after training: member (and hold-out) accuracy and confidence per noise bin."""
+    T = int(ac.shape[0])
+    edges = timestep_bins(0, T, bins)
+    k = max_images
+    member = evaluate_protector(net, x[:k], labels[:k], ac, edges, seed=(seed + 2) % 2**64)
+    hold = (
+        None
+        if h is None
+        else evaluate_protector(net, h[:k], None, ac, edges, seed=(seed + 3) % 2**64)
+    )
+    return ProtectorReport(
+        labels=labels,
+        fingerprint=fingerprint,
+        label_seed=label_seed,
+        t_edges=edges,
+        member=member,
+        holdout=hold,
+        training=training,
+    )
 
 
 def train_protector(
@@ -302,7 +304,7 @@ def train_protector(
     callback: Callable[[int, dict[str, float]], None] | None = None,
     latent: bool = False,
 ) -> tuple[nn.Module, ProtectorReport]:
-    """Train a protector to memorise random labels of ``images`` under noise (SPEC §2).
+    """Train a protector to memorise random labels of ``images`` under noise (docs/ALGORITHM.md §2).
 
     Args:
         images: Members, float ``[N, C, H, W]`` in [-1, 1], or a Dataset of ``[C, H, W]``
@@ -353,20 +355,20 @@ def train_protector(
         raise ValueError(
             f"holdout images have shape {tuple(h.shape[1:])}, members {tuple(x.shape[1:])}"
         )
-    steps = _check_int("steps", steps)
-    batch_size = _check_int("batch_size", batch_size)
-    eval_every = _check_int("eval_every", eval_every)
-    report_max_images = _check_int("report_max_images", report_max_images)
+    steps = check_int("steps", steps)
+    batch_size = check_int("batch_size", batch_size)
+    eval_every = check_int("eval_every", eval_every)
+    report_max_images = check_int("report_max_images", report_max_images)
     hb = batch_size // 2 if holdout_batch_size is None else holdout_batch_size
-    hb = _check_int("holdout_batch_size", max(hb, 1) if h is not None else 1)
+    hb = check_int("holdout_batch_size", max(hb, 1) if h is not None else 1)
     every = max(steps // 10, 1) if checkpoint_every is None else checkpoint_every
-    every = _check_int("checkpoint_every", every)
+    every = check_int("checkpoint_every", every)
     lr = _check_finite("lr", lr, 0.0, strict=True)
     holdout_weight = _check_finite("holdout_weight", holdout_weight, 0.0)
     weight_decay = _check_finite("weight_decay", weight_decay, 0.0)
-    report_bins = _check_int("report_bins", report_bins)
-    seed = _check_seed("seed", seed)
-    label_seed = _check_seed("label_seed", label_seed)
+    report_bins = check_int("report_bins", report_bins)
+    seed = check_seed("seed", seed)
+    label_seed = check_seed("label_seed", label_seed)
     rank, world = _dist_rank_world()
     if batch_size < world:
         raise ValueError(
@@ -552,14 +554,6 @@ def train_protector(
     seconds = time.perf_counter() - started
     net.eval()
 
-    edges = timestep_bins(0, T, report_bins)
-    k = report_max_images
-    member = evaluate_protector(net, x[:k], labels[:k], ac, edges, seed=(seed + 2) % 2**64)
-    hold = (
-        None
-        if h is None
-        else evaluate_protector(net, h[:k], None, ac, edges, seed=(seed + 3) % 2**64)
-    )
     training = {
         "steps": steps,
         "steps_run": step,
@@ -576,154 +570,8 @@ def train_protector(
         "schedule": schedule_config,
         "settings": identity,
     }
-    report = ProtectorReport(
-        labels=labels,
-        fingerprint=fingerprint,
-        label_seed=label_seed,
-        t_edges=edges,
-        member=member,
-        holdout=hold,
-        training=training,
-    )
+    report = _final_report(
+        net, x, labels, h, ac, fingerprint, label_seed, seed, training,
+        bins=report_bins, max_images=report_max_images,
+    )  # fmt: skip
     return net, report
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _canonical_sha256(obj: Any) -> str:
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    """``(weights.safetensors, weights.json)`` for a file path or a folder."""
-    p = refuse_pickle(path)
-    if p.is_dir() or (not p.suffix and not p.exists()):
-        p = p / "protector.safetensors"
-    if p.suffix != ".safetensors":
-        raise ValueError(f"protector checkpoints end in .safetensors, got {str(p)!r}")
-    return p, p.with_suffix(".json")
-
-
-def _identity(meta: Mapping[str, Any]) -> dict:
-    """The fields that must agree between weights and sidecar."""
-    return {k: meta[k] for k in ("architecture", "label_seed", "labels", "fingerprint")}
-
-
-def save_protector(path: str | os.PathLike, protector: nn.Module, report: ProtectorReport) -> Path:
-    """Write ``path`` (safetensors weights) and its ``.json`` sidecar, each atomically.
-
-    The sidecar holds the architecture config, schedule config, label seed, labels,
-    fingerprint, training settings, the report and the package version, plus checksums tying
-    it to the weights: ``load_protector`` refuses a sidecar that was edited or that belongs to
-    other weights.
-
-    Args:
-        path: ``*.safetensors`` file, or a folder (``protector.safetensors`` inside).
-        protector: The trained module.
-        report: Its :class:`ProtectorReport`.
-
-    Returns:
-        The weights path.
-    """
-    if not isinstance(protector, nn.Module):
-        raise TypeError(f"protector must be an nn.Module, got {type(protector).__name__}")
-    if not isinstance(report, ProtectorReport):
-        raise TypeError(f"report must be a ProtectorReport, got {type(report).__name__}")
-    weights, sidecar = _checkpoint_paths(path)
-    ensure_writable_dir(weights.parent, "checkpoint folder")
-    config = getattr(protector, "config", None)
-    is_default = isinstance(protector, ProtectorNet)
-    meta: dict[str, Any] = {
-        "format": CHECKPOINT_FORMAT,
-        "package_version": __version__,
-        "architecture": {
-            "class": "ProtectorNet" if is_default else type(protector).__qualname__,
-            "config": dict(config) if is_default else None,
-        },
-        "schedule": report.training.get("schedule"),
-        "label_seed": int(report.label_seed),
-        "labels": [int(v) for v in report.labels.tolist()],
-        "fingerprint": dict(report.fingerprint),
-        "training": {k: v for k, v in report.training.items() if k != "schedule"},
-        "report": report.to_dict(),
-    }
-    meta_hash = _canonical_sha256(_identity(meta))
-    save_safetensors_atomic(
-        weights,
-        protector.state_dict(),
-        metadata={"format": CHECKPOINT_FORMAT, "meta_sha256": meta_hash},
-    )
-    meta["meta_sha256"] = meta_hash
-    meta["weights_sha256"] = _file_sha256(weights)
-    meta["sidecar_sha256"] = _canonical_sha256(meta)
-    write_json_atomic(sidecar, meta)
-    return weights
-
-
-def load_protector(
-    path: str | os.PathLike,
-    *,
-    protector: nn.Module | None = None,
-    device: str | torch.device = "cpu",
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Read a protector written by :func:`save_protector`.
-
-    Args:
-        path: The ``.safetensors`` file or its folder. Pickle files are refused.
-        protector: Module to load the weights into (needed for custom architectures; default:
-            rebuild ``ProtectorNet`` from the sidecar's config).
-        device: Where to put the weights.
-
-    Returns:
-        ``(protector, meta)``: the module in eval mode and the sidecar dictionary (labels,
-        fingerprint, schedule config, report, ...; ``meta["labels"]`` is a list of ints).
-
-    Raises:
-        ValueError: pickle file, edited sidecar, or weights and sidecar that do not belong
-            together. FileNotFoundError: missing file.
-    """
-    weights, sidecar = _checkpoint_paths(path)
-    if not weights.is_file():
-        raise FileNotFoundError(f"no protector weights at {str(weights)!r}")
-    if not sidecar.is_file():
-        raise FileNotFoundError(
-            f"no sidecar {str(sidecar)!r}: a protector is unusable without its labels and "
-            "fingerprint"
-        )
-    meta = read_json(sidecar)
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{str(sidecar)!r} is not a cpsample_fast protector sidecar")
-    claimed = meta.pop("sidecar_sha256", None)
-    if claimed != _canonical_sha256(meta):
-        raise ValueError(f"sidecar {str(sidecar)!r} was modified after it was written; refusing")
-    meta["sidecar_sha256"] = claimed
-    if meta.get("weights_sha256") != _file_sha256(weights):
-        raise ValueError(
-            f"weights {str(weights)!r} do not match their sidecar (different or modified file)"
-        )
-    header = safetensors_metadata(weights)
-    if header.get("meta_sha256") != meta.get("meta_sha256") or meta.get(
-        "meta_sha256"
-    ) != _canonical_sha256(_identity(meta)):
-        raise ValueError(f"sidecar {str(sidecar)!r} belongs to other weights; refusing")
-    arch = meta["architecture"]
-    if protector is None:
-        if arch["class"] != "ProtectorNet" or arch["config"] is None:
-            raise ValueError(
-                f"checkpoint holds a custom protector ({arch['class']}); pass protector= an "
-                "instance of that class to load the weights into"
-            )
-        protector = ProtectorNet.from_config(arch["config"])
-    state = load_safetensors(weights, device="cpu")
-    protector.load_state_dict(state, strict=True)
-    return protector.to(device).eval(), meta

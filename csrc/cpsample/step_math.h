@@ -20,8 +20,11 @@
 
 namespace cpsample {
 
+// Integer ids mirrored from cpsample_fast/constants.py (tests/test_constants.py checks they agree).
 // Prediction types, as the integers passed through the bindings (docs/CONTRACTS.md).
 enum PredictionType : int { kEpsilon = 0, kVPrediction = 1, kSample = 2 };
+// Where the step noise z comes from: none, an explicit tensor, or drawn in the kernel.
+enum NoiseMode : int { kNoNoise = 0, kExplicitNoise = 1, kDrawnNoise = 2 };
 
 // Philox4x32-10 constants, identical to triton.language.random.philox (and Random123).
 constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
@@ -33,6 +36,7 @@ constexpr int kPhiloxRounds = 10;
 // Counter word c3: which stream a normal belongs to.
 constexpr uint32_t kStreamStep = 0;     // per-step noise z
 constexpr uint32_t kStreamInitial = 1;  // initial noise x_T
+constexpr uint32_t kStreamMembership = 2;  // forward-noising of the membership attack
 
 struct PhiloxOut {
   uint32_t w0, w1, w2, w3;
@@ -98,7 +102,7 @@ struct StepCoefs {
   float s1;     // sqrt(1 - alpha_bar_t)
   float sp;     // sqrt(alpha_bar_prev)
   float d;      // sqrt(1 - alpha_bar_prev - sigma^2)
-  float sigma;  // eta * ... (SPEC §3 step 7)
+  float sigma;  // eta * ... (docs/ALGORITHM.md §3 step 7)
   float clip;   // clip_sample_range
 };
 

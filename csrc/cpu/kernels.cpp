@@ -22,8 +22,6 @@ constexpr int64_t kChunk = 4096;
 // Below this many elements one thread is faster than waking a team (~5-10 us per region).
 constexpr int64_t kMinParallelElements = int64_t{1} << 15;
 
-enum NoiseMode : int { kNoNoise = 0, kExplicitNoise = 1, kDrawnNoise = 2 };
-
 // One chunk [j0, j1) of sample b. Templated so that the inner loop has no branches left.
 template <int P, bool CLIP, bool HAS_G, bool CLIPPED_EPS, int NOISE>
 void update_chunk(const GuidedUpdateArgs& a, const StepCoefs& c, uint64_t seed, uint32_t step,

@@ -6,6 +6,10 @@
 #include "cpsample/step_math.h"
 #include "cuda/launcher.h"
 
+using cpsample::kDrawnNoise;
+using cpsample::kExplicitNoise;
+using cpsample::kNoNoise;
+
 namespace {
 
 using cpsample::StepCoefs;
@@ -14,8 +18,6 @@ constexpr int kThreads = 256;
 // Enough blocks per sample row to fill an H100/H200 (132 SMs x 8 blocks) with a 1-sample batch.
 constexpr int64_t kMaxBlocksX = 1024;
 constexpr int64_t kMaxBlocksY = 65535;
-
-enum NoiseMode : int { kNoNoise = 0, kExplicitNoise = 1, kDrawnNoise = 2 };
 
 template <int P, bool CLIP, bool HAS_G, bool CLIPPED_EPS, int NOISE>
 __global__ void __launch_bounds__(kThreads)

@@ -1,6 +1,6 @@
 """``cpsample::guided_update``: the fused step ``x_t → x_{t'}`` as one functional torch.library op.
 
-The op (SPEC §3 steps 5–7, docs/CONTRACTS.md "The fused update") is opaque to
+The op (docs/ALGORITHM.md §3 steps 5–7, docs/CONTRACTS.md "The fused update") is opaque to
 ``torch.compile``: a compiled sampler calls it as one node, and it dispatches at run time to the
 backend named by its ``backend`` argument:
 
@@ -18,19 +18,14 @@ from __future__ import annotations
 
 import torch
 
-from . import _torch
+from ..constants import PREDICTION_TYPE_IDS, prediction_type_id
+from . import _backends, _torch
 from . import _triton as _triton_impl
+from ._backends import _BUILD_HINT, BACKENDS, resolve_backend
 
-BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
-PREDICTION_TYPES = {"epsilon": 0, "v_prediction": 1, "sample": 2}
 NUM_COEFS = 6  # sa, s1, sp, d, sigma, clip_range
 NUM_RNG = 3  # seed, step, sample_offset
 _MAX_NUMEL_PER_SAMPLE = 1 << 32  # Philox counter word c0 is 32 bits
-
-_BUILD_HINT = (
-    "build it with `make build` (python setup.py build_ext --inplace), or pass backend='torch'"
-)
-
 
 # ---------------------------------------------------------------------------------------------
 # Argument checks (metadata only: no host sync, traceable by dynamo)
@@ -110,7 +105,7 @@ def check_guided_update_args(
     _check_small(rng, "rng", torch.int64, NUM_RNG, x, "(seed, step, sample_offset)")
     if isinstance(prediction_type, bool) or not isinstance(prediction_type, int):
         raise TypeError(f"guided_update: prediction_type must be an int, got {prediction_type!r}")
-    if prediction_type not in PREDICTION_TYPES.values():
+    if prediction_type not in PREDICTION_TYPE_IDS.values():
         raise ValueError(
             "guided_update: prediction_type must be 0 (epsilon), 1 (v_prediction) or 2 (sample), "
             f"got {prediction_type}"
@@ -134,139 +129,11 @@ def check_guided_update_args(
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# Backend resolution
-# ---------------------------------------------------------------------------------------------
-
-
-def _get_ext():
-    """The compiled ``cpsample_fast._C`` module, or None when it is not built."""
-    try:
-        from . import _ext
-    except ImportError:
-        return None
-    return _ext.get_ext()
-
-
-def _ext_has_cuda(ext) -> bool:
-    info = getattr(ext, "build_info", None)
-    return bool(info is not None and info().get("cuda", False))
-
-
-def _device_capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
-def _cuda_arch_problem(ext, device: torch.device) -> str | None:
-    """Why ``_C``'s CUDA kernels cannot run on ``device``'s GPU, or None when they can.
-
-    A build whose arch list does not cover the GPU would fail at the first launch with "no kernel
-    image is available"; an older build that does not record its archs is given the benefit of
-    the doubt.
-    """
-    from . import _ext
-
-    info = ext.build_info() if hasattr(ext, "build_info") else {}
-    archs = info.get("cuda_archs")
-    if not archs:
-        return None
-    capability = _device_capability(device)
-    listed = [a for a in str(archs).replace(";", ",").split(",") if a.strip()]
-    if any(_ext.arch_covers(a, capability) for a in listed):
-        return None
-    name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
-    return (
-        f"cpsample_fast._C's CUDA kernels were built for archs {';'.join(listed)}, which do not "
-        f"cover this GPU ({name}, sm_{capability[0]}{capability[1]}); rebuild with "
-        f"{_ext.arch_hint(capability)} (or add {capability[0]}{capability[1]} to the list)"
-    )
-
-
-def available_backends(device: torch.device | str) -> list[str]:
-    """Concrete backends that can run the fused ops on tensors of ``device``, best first.
-
-    ``"cuda"`` is offered only when ``_C``'s CUDA kernels were built for an architecture that
-    covers the GPU (``_ext.arch_covers``). The first entry is what ``backend="auto"`` picks.
-    ``"triton"`` on CPU (the interpreter, for tests) is listed last: it is far slower than the
-    others.
-    """
-    device = torch.device(device)
-    ext = _get_ext()
-    names: list[str] = []
-    if device.type == "cuda":
-        if _triton_impl.supports_device(device):
-            names.append("triton")
-        if ext is not None and _ext_has_cuda(ext) and _cuda_arch_problem(ext, device) is None:
-            names.append("cuda")
-        names.append("torch")
-    elif device.type == "cpu":
-        if ext is not None:
-            names.append("cpp")
-        names.append("torch")
-        if _triton_impl.supports_device(device):
-            names.append("triton")
-    else:
-        names.append("torch")
-    return names
-
-
-_RESOLVED: dict[tuple[str, str], str] = {}
-
-
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The concrete backend for ``backend`` on ``device``; raise if it cannot run there."""
-    device = torch.device(device)
-    key = (backend, device.type)
-    name = _RESOLVED.get(key)
-    if name is not None:
-        return name
-    if backend == "auto":
-        name = available_backends(device)[0]
-    elif backend == "torch":
-        name = "torch"
-    elif backend == "triton":
-        if not _triton_impl.has_triton():
-            raise RuntimeError("backend='triton' needs Triton (pip install triton)")
-        if not _triton_impl.supports_device(device):
-            raise RuntimeError(
-                f"backend='triton' cannot run on {device.type} tensors here: it needs CUDA tensors "
-                "(or CPU tensors with TRITON_INTERPRET=1 set before cpsample_fast is imported)"
-            )
-        name = "triton"
-    elif backend in ("cpp", "cuda"):
-        want = "cpu" if backend == "cpp" else "cuda"
-        if device.type != want:
-            raise ValueError(
-                f"backend={backend!r} runs on {want} tensors, got tensors on {device}; use "
-                "backend='auto'"
-            )
-        ext = _get_ext()
-        if ext is None:
-            raise RuntimeError(
-                f"backend={backend!r} needs the compiled extension cpsample_fast._C, which is not "
-                f"built; {_BUILD_HINT}"
-            )
-        if backend == "cuda" and not _ext_has_cuda(ext):
-            raise RuntimeError(
-                "backend='cuda' needs cpsample_fast._C built with its CUDA part (a CUDA toolkit "
-                f"and a CUDA-enabled torch at build time); {_BUILD_HINT}"
-            )
-        if backend == "cuda":
-            problem = _cuda_arch_problem(ext, device)
-            if problem is not None:
-                raise RuntimeError(f"backend='cuda': {problem}")
-        name = backend
-    else:
-        raise ValueError(f"guided_update: backend must be one of {BACKENDS}, got {backend!r}")
-    _RESOLVED[key] = name
-    return name
-
-
 def _run_ext(
     x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise,
     use_clipped_model_output=False,
 ):  # fmt: skip
-    ext = _get_ext()
+    ext = _backends.get_ext()
     if ext is None:  # resolved earlier, but the module may have been unloaded since
         raise RuntimeError(f"cpsample_fast._C is not built; {_BUILD_HINT}")
     return ext.guided_update(
@@ -301,11 +168,9 @@ def _guided_update_op(
     x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise, backend,
     use_clipped_model_output=False,
 ):  # fmt: skip
-    opts = (prediction_type, clip_sample, draw_noise, backend)
-    check_guided_update_args(x, model_out, guidance, noise, coefs, rng, *opts,
-                             use_clipped_model_output=use_clipped_model_output)  # fmt: skip
-    # Row-major for the kernels (the Philox counter is the row-major element index): no-ops for
-    # the sampler's tensors, one copy for a caller's channels_last ones.
+    # Arguments were checked once by the wrapper (eager) or the fake (tracing); the body trusts
+    # them. Row-major for the kernels (the Philox counter is the row-major element index): no-ops
+    # for the sampler's tensors, one copy for a caller's channels_last ones.
     x, model_out = x.contiguous(), model_out.contiguous()
     guidance = None if guidance is None else guidance.contiguous()
     noise = None if noise is None else noise.contiguous()
@@ -391,12 +256,10 @@ def guided_update(
         float32 ``[B, ...]``: ``x_{t'}``.
     """
     if isinstance(prediction_type, str):
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"guided_update: prediction_type must be one of {tuple(PREDICTION_TYPES)} or "
-                f"0/1/2, got {prediction_type!r}"
-            )
-        prediction_type = PREDICTION_TYPES[prediction_type]
+        try:
+            prediction_type = prediction_type_id(prediction_type)
+        except ValueError as err:
+            raise ValueError(f"guided_update: {err}") from None
     opts = (prediction_type, clip_sample, draw_noise, backend)
     check_guided_update_args(
         x, model_out, guidance, noise, coefs, rng, *opts,
