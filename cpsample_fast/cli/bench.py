@@ -213,12 +213,12 @@ def main(args: argparse.Namespace) -> int:
             report["sampler"] = summary(result)
             failed |= bool(result.errors)
         if args.suite == "matched":
-            from ..bench.matched import MATCHED_DPM_STEPS, run_matched_bench
+            from ..bench.matched import run_matched_bench
 
             matched = run_matched_bench(
                 device,
                 batch=args.batch or (8 if args.quick else 128),
-                dpm_steps=args.matched_steps or MATCHED_DPM_STEPS,
+                dpm_steps=args.matched_steps,
                 ddim_steps=args.steps or (4 if args.quick else 50),
                 repeats=repeats,
                 warmup=args.warmup,
