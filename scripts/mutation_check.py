@@ -109,7 +109,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the Philox key schedule constant 0x9E3779B9 → 0x9E3779BB (torch and C++/CUDA)",
         (
             Edit(
-                "cpsample_fast/noise.py", "PHILOX_KEY_A = 0x9E3779B9", "PHILOX_KEY_A = 0x9E3779BB"
+                "cpsample_fast/constants.py", "PHILOX_KEY_A = 0x9E3779B9", "PHILOX_KEY_A = 0x9E3779BB"
             ),
             Edit(
                 "csrc/cpsample/step_math.h",

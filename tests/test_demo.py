@@ -215,11 +215,12 @@ def test_flipped_guidance_control_negates_the_guidance_term():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known limitation, measured: with the exact empirical denoiser of the 32 members "
-    "every DDIM endpoint is a training image (the posterior collapses at small t whatever "
-    "guidance did earlier; final-step guidance moves x0 by ~1e-4*s*(1-q)*grad f and is clipped "
-    "on saturated digits): replication > 0.98 stays 100% for repel/attract/entropy, alpha 0.3, "
-    "s from 250 to 1e6 (33 samples, 50 steps), with or without clip_sample",
+    reason="known limitation: the exact empirical denoiser of the 32 protected members has no "
+    "other image to end on (the posterior collapses onto a training image at small t whatever "
+    "guidance did earlier), so every endpoint is a copy of a protected image; measured with the "
+    "pre-fix step: replication > 0.98 stayed 100% for repel/attract/entropy, alpha 0.3, s from "
+    "250 to 1e6. When the memoriser also knows unprotected images, CPSample does cut copies of "
+    "the protected ones: tests/test_subset_protection.py (87%), test_latent_protection.py (91%)",
 )
 def test_empirical_denoiser_cpsample_replicates_far_less():
     split = digits_split()
