@@ -50,6 +50,30 @@ def _check_finite(tensor: torch.Tensor, what: str, step: int, t: int) -> None:
         )
 
 
+def _guidance_term(prot_call, x, t_batch, k, t, s1, *, scale, alpha, mode, trace):
+    """docs/ALGORITHM.md §3 steps 2–5 at one step: the guidance term ``G = s·s1·m·g``, or None
+    when the gate is shut for every sample (``s1``: the noise level, √(1-ᾱ_t) or the solver's
+    σ_t). Records logits, confidence and gate in ``trace`` when given."""
+    B = x.shape[0]
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        f = check_protector_output(prot_call(x_in, t_batch), B, k, t).to(x.dtype)
+        _check_finite(f, "protector", k, t)
+        r = torch.sigmoid(f)
+        # q = max(r, 1 - r) > 1 - α  <=>  |f| > log((1 - α) / α), compared exactly in float64
+        # (docs/CONTRACTS.md "Guidance": the gate is exact, on every device)
+        m = f.double().abs() > math.log((1 - alpha) / alpha)
+        if trace is not None:
+            trace.logits[k] = f.detach().float()
+            trace.confidence[k] = torch.maximum(r, 1 - r).detach().float()
+            trace.gate[k] = m
+        if not m.any():
+            return None
+        (g,) = torch.autograd.grad(objective(f, mode).sum(), x_in)
+        mask = m.to(x.dtype).view(B, *([1] * (x.dim() - 1)))
+        return scale * s1 * mask * g.to(x.dtype)
+
+
 def reference_sample(
     eps_model,
     protector,
@@ -180,22 +204,8 @@ def reference_sample(
         guidance = None
         in_range = guidance_range is None or guidance_range[0] <= t <= guidance_range[1]
         if guided and in_range:
-            with torch.enable_grad():
-                x_in = x.detach().requires_grad_(True)
-                f = check_protector_output(prot_call(x_in, t_batch), B, k, t).to(dtype)
-                _check_finite(f, "protector", k, t)
-                r = torch.sigmoid(f)
-                # q = max(r, 1 - r) > 1 - α  <=>  |f| > log((1 - α) / α), compared exactly in
-                # float64 (docs/CONTRACTS.md "Guidance": the gate is exact, on every device)
-                m = f.double().abs() > math.log((1 - alpha) / alpha)
-                if return_trace:
-                    trace.logits[k] = f.detach().float()
-                    trace.confidence[k] = torch.maximum(r, 1 - r).detach().float()
-                    trace.gate[k] = m
-                if m.any():
-                    (g,) = torch.autograd.grad(objective(f, mode).sum(), x_in)
-                    mask = m.to(dtype).view(B, 1, 1, 1)
-                    guidance = scale * b_t ** (0.5) * mask * g.to(dtype)
+            guidance = _guidance_term(prot_call, x, t_batch, k, t, b_t ** (0.5), scale=scale,
+                                      alpha=alpha, mode=mode, trace=trace)  # fmt: skip
 
         # 6. clip the model's own x̂0 as diffusers does, then guide (docs/ALGORITHM.md §3
         # step 6): the guidance moves the pair consistently, x̂0 by -(√(1-ᾱ_t)/√ᾱ_t)·G and ε by
@@ -288,22 +298,10 @@ def _reference_dpmsolver(
         # 2-5. protector, gate, G = s·σ_t·m·g (as in the DDIM loop)
         in_range = guidance_range is None or guidance_range[0] <= t <= guidance_range[1]
         if guided and in_range:
-            with torch.enable_grad():
-                x_in = x.detach().requires_grad_(True)
-                f = check_protector_output(prot_call(x_in, t_batch), B, k, t).to(dtype)
-                _check_finite(f, "protector", k, t)
-                r = torch.sigmoid(f)
-                m = f.double().abs() > math.log((1 - alpha) / alpha)
-                if return_trace:
-                    trace.logits[k] = f.detach().float()
-                    trace.confidence[k] = torch.maximum(r, 1 - r).detach().float()
-                    trace.gate[k] = m
-                if m.any():
-                    (g,) = torch.autograd.grad(objective(f, mode).sum(), x_in)
-                    mask = m.to(dtype).view(B, 1, 1, 1)
-                    guidance = scale * sigma_s * mask * g.to(dtype)
-                    # 6. ε̂ = ε + G moves x̂0 by -(σ_t/α_t)·G
-                    x0 = x0 - (sigma_s / alpha_s) * guidance
+            guidance = _guidance_term(prot_call, x, t_batch, k, t, sigma_s, scale=scale,
+                                      alpha=alpha, mode=mode, trace=trace)  # fmt: skip
+            if guidance is not None:  # 6. ε̂ = ε + G moves x̂0 by -(σ_t/α_t)·G
+                x0 = x0 - (sigma_s / alpha_s) * guidance
 
         # 7. DPM-Solver++ update (dpm_solver_first_order_update / the 2M midpoint update)
         alpha_t, sigma_t = alpha_sigma(sigmas[k + 1])

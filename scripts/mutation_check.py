@@ -74,7 +74,6 @@ MUTATIONS: tuple[Mutation, ...] = (
                 "cpsample_fast/reference.py",
                 "m = f.double().abs() > math.log((1 - alpha) / alpha)",
                 "m = torch.ones_like(f, dtype=torch.bool)",
-                count=2,  # the DDIM and the DPM-Solver++ loops
             ),
             Edit("cpsample_fast/ops/_triton.py", "m = a > tau", "m = a == a"),
         ),
@@ -109,7 +108,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the Philox key schedule constant 0x9E3779B9 → 0x9E3779BB (torch and C++/CUDA)",
         (
             Edit(
-                "cpsample_fast/constants.py", "PHILOX_KEY_A = 0x9E3779B9", "PHILOX_KEY_A = 0x9E3779BB"
+                "cpsample_fast/constants.py",
+                "PHILOX_KEY_A = 0x9E3779B9",
+                "PHILOX_KEY_A = 0x9E3779BB",
             ),
             Edit(
                 "csrc/cpsample/step_math.h",
