@@ -251,21 +251,7 @@ class CPSampler:
         k1 = k.reshape(1)
         coefs = tables["coefs"].index_select(0, k1)[0]  # [6]
         t = tables["timesteps"].index_select(0, k1).expand(B)  # [B] int64
-        if run.side_stream is not None:
-            # The protector's forward + VJP and the eps-model are independent given x_t: overlap
-            # them (eager CUDA only; the side stream waits for x and the main stream for it).
-            side = run.side_stream
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                f, q, m, g, finite_f = self._guidance(x, t, k1, tables, guided, run)
-            out = self._eps_out(x, t)
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            for tensor in (f, q, m, g, finite_f):
-                if tensor is not None:
-                    tensor.record_stream(torch.cuda.current_stream(x.device))
-        else:
-            out = self._eps_out(x, t)
-            f, q, m, g, finite_f = self._guidance(x, t, k1, tables, guided, run)
+        out, f, q, m, g, finite_f = self._models(x, t, k1, tables, guided, run)
         rng = torch.stack([rng_base[0], k, rng_base[1]])
         x_next = ops.guided_update(
             x,
@@ -283,6 +269,27 @@ class CPSampler:
         finite = torch.stack([torch.isfinite(out).all(), finite_f, torch.isfinite(x_next).all()])
         return x_next, f, q, m, finite
 
+    def _models(self, x, t, k1, tables, guided: bool, run: _Run):
+        """The eps-model output and the guidance of one step: ``(out, f, q, m, G, finite_f)``.
+
+        The protector's forward + VJP and the eps-model are independent given x_t: with
+        ``run.side_stream`` they overlap (eager CUDA only; the side stream waits for x and the
+        main stream for it).
+        """
+        if run.side_stream is None:
+            out = self._eps_out(x, t)
+            return (out, *self._guidance(x, t, k1, tables, guided, run))
+        side = run.side_stream
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            f, q, m, g, finite_f = self._guidance(x, t, k1, tables, guided, run)
+        out = self._eps_out(x, t)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        for tensor in (f, q, m, g, finite_f):
+            if tensor is not None:
+                tensor.record_stream(torch.cuda.current_stream(x.device))
+        return out, f, q, m, g, finite_f
+
     def _dpm_step(self, x, x0_prev, k, tables, guided: bool, run: _Run):
         """One protected DPM-Solver++ step: eps-model, protector and one ``cpsample::dpm_update``.
 
@@ -293,19 +300,7 @@ class CPSampler:
         k1 = k.reshape(1)
         coefs = tables["coefs"].index_select(0, k1)[0]  # [7]
         t = tables["timesteps"].index_select(0, k1).expand(B)
-        if run.side_stream is not None:  # as in _step: the protector on a side stream
-            side = run.side_stream
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                f, q, m, g, finite_f = self._guidance(x, t, k1, tables, guided, run)
-            out = self._eps_out(x, t)
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            for tensor in (f, q, m, g, finite_f):
-                if tensor is not None:
-                    tensor.record_stream(torch.cuda.current_stream(x.device))
-        else:
-            out = self._eps_out(x, t)
-            f, q, m, g, finite_f = self._guidance(x, t, k1, tables, guided, run)
+        out, f, q, m, g, finite_f = self._models(x, t, k1, tables, guided, run)
         x_next, x0 = ops.dpm_update(
             x,
             out,
