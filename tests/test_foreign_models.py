@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from cpsample_fast import CPSampler
+from cpsample_fast import CPSampler, ops
 from cpsample_fast.reference import reference_sample
 from cpsample_fast.schedule import NoiseSchedule
 
@@ -177,3 +177,27 @@ def test_foreign_models_with_inductor_channels_last_bf16():
     e_ref, e_fast = _rel(ref, exact), _rel(fast, exact)
     print(f"inductor bf16 channels_last: error vs fp64: reference {e_ref:.2e}, fast {e_fast:.2e}")
     assert e_fast <= 2 * e_ref + 1e-6
+
+
+@pytest.mark.parametrize("backend", ops.available_backends("cpu"))
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+@pytest.mark.parametrize("cl", [False, True], ids=["contig", "cl"])
+def test_foreign_models_every_backend(backend, dtype_name, cl):
+    """Each fused-update backend with the foreign models, both dtypes and memory formats (clip
+    on, eager): equal to the reference (fp32) or within the bf16 rule."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    unet, prot = _models(dtype, cl)
+    _, (noise, step_noise) = _base()
+    schedule = NoiseSchedule(clip_sample=True)
+    ref, trace = reference_sample(
+        unet, prot, schedule, SHAPE, noise=noise, step_noise=step_noise, return_trace=True, **KW
+    )
+    sampler = CPSampler(unet, prot, schedule, backend=backend, **KW)
+    fast, ftrace = sampler.sample(SHAPE, noise=noise, step_noise=step_noise, return_trace=True)
+    assert fast.dtype == torch.float32 and torch.isfinite(fast).all()
+    if dtype == torch.float32:
+        assert torch.equal(ftrace.gate, trace.gate)
+        assert _rel(fast, ref) < 1e-4
+    else:
+        exact = _exact(True)
+        assert _rel(fast, exact) <= 2 * _rel(ref, exact) + 1e-6
