@@ -209,6 +209,7 @@ class SamplingContext:
         self.split_cache: dict = {}
         self.reference_outputs: dict[tuple[bool, bool], torch.Tensor] = {}  # (bf16, guided)
         self._fp64: tuple[torch.Tensor, float] | None = None
+        self._fp64_unguided: torch.Tensor | None = None
 
     def models(self, bf16: bool, fp32_protector: bool = False):
         if not bf16:
@@ -300,9 +301,9 @@ class SamplingContext:
         ref = self.reference_output(spec)
         base_err = None
         ref64 = None
-        if self.settings.accuracy and spec.guided:
+        if self.settings.accuracy:
             try:
-                ref64 = self.fp64_cached()
+                ref64 = self.fp64_cached() if spec.guided else self.fp64_unguided()
             except Exception:  # recorded by run_sampler_bench; check without the baseline
                 ref64 = None
         if ref64 is not None:
@@ -317,6 +318,19 @@ class SamplingContext:
         if self._fp64 is None:
             self._fp64 = self.fp64_reference()
         return self._fp64[0]
+
+    def fp64_unguided(self) -> torch.Tensor:
+        """Plain DDIM in float64 on the first :meth:`accuracy_count` samples: the baseline that
+        tells bf16 rounding from a wrong kernel for the unguided providers too."""
+        if self._fp64_unguided is None:
+            eps = convert_model(self.eps32, torch.float64)
+            n = self.accuracy_count()
+            with torch.no_grad():
+                self._fp64_unguided = reference_sample(
+                    eps, None, self.schedule, (n, *self.shape[1:]), noise=self.x_T[:n],
+                    device=self.device, dtype=torch.float64, **self.common_kwargs(False),
+                )  # fmt: skip
+        return self._fp64_unguided
 
     def fp64_reference(self) -> tuple[torch.Tensor, float]:
         """Samples of the reference with float64 models and state, and the gate's open fraction,
