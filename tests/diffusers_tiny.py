@@ -9,7 +9,8 @@ from torch import nn
 C, H = 2, 8
 
 
-def tiny_unet(seed=0, out_channels=C):
+def tiny_unet(seed=0, out_channels=C, **config):
+    """A seeded tiny ``UNet2DModel``; ``config`` adds keys (e.g. ``num_class_embeds=3``)."""
     torch.manual_seed(seed)
     return (
         diffusers.UNet2DModel(
@@ -21,6 +22,7 @@ def tiny_unet(seed=0, out_channels=C):
             norm_num_groups=4,
             down_block_types=("DownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "UpBlock2D"),
+            **config,
         )
         .eval()
         .requires_grad_(False)

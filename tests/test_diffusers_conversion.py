@@ -31,18 +31,7 @@ def test_from_pipeline_refuses_ddpm_unless_asked_and_freezes_the_unet():
 
 
 def test_from_pipeline_passes_unet_kwargs():
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=H,
-        in_channels=C,
-        out_channels=C,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        num_class_embeds=3,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    unet = tiny_unet(num_class_embeds=3).requires_grad_(True).train()
     pipe = diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler())
     labels = torch.tensor([2, 0])
     eps, _ = from_pipeline(pipe, class_labels=labels)

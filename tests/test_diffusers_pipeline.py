@@ -57,22 +57,7 @@ def test_from_pipe_guided_fast_path_equals_protected_scheduler_path(clip):
 
 
 def _class_unet():
-    torch.manual_seed(0)
-    return (
-        diffusers.UNet2DModel(
-            sample_size=H,
-            in_channels=C,
-            out_channels=C,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            norm_num_groups=4,
-            num_class_embeds=3,
-            down_block_types=("DownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "UpBlock2D"),
-        )
-        .eval()
-        .requires_grad_(False)
-    )
+    return tiny_unet(num_class_embeds=3)
 
 
 def _class_loop(unet, scheduler, labels, n, generator, eta=0.0):
