@@ -123,7 +123,7 @@ def test_bitflipped_shard_is_never_merged(assets, tmp_path):
     raw[-3] ^= 0x01
     path.write_bytes(bytes(raw))
     with pytest.raises(S.ShardError, match="corrupt"):
-        from cpsample_fast.cli.sample import merge_run
+        from cpsample_fast.distributed import merge_run
 
         merge_run(out, manifest)
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from ..distributed import audit_record, merge_run, run_sharded
 from ..guidance import MODES
+from ..models.loading import load_eps_model
 from ..ops import BACKENDS
 from ..solvers import SOLVERS
 from . import _args as A
@@ -29,6 +29,10 @@ from . import _args as A
 OUTPUTS = ("npz", "shards", "images")
 # Files that say "this run is finished"; removed before a run starts, written last.
 RESULT_FILES = ("sample.json", "samples.npz", "grid.png", "trace.png")
+
+# ``load_eps_model``, ``audit_record`` and ``merge_run`` live in the library now
+# (``models.loading``, ``distributed``); their names stay importable from here.
+__all__ = ["HELP", "add_arguments", "audit_record", "load_eps_model", "main", "merge_run"]
 
 HELP = "draw protected samples (CPSample) from an eps-model; writes samples.npz, grid.png, JSON"
 
@@ -116,33 +120,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_eps_model(spec: str, device):
-    """``(eps_model, schedule)`` from a diffusers dir, a package UNet checkpoint or 'digits'."""
-    from ..schedule import NoiseSchedule
-
-    path = Path(spec)
-    if spec == "digits":
-        from ..models import load_digits_unet
-
-        model, meta = load_digits_unet()
-        return model.to(device), NoiseSchedule.from_config(meta["schedule"])
-    if path.is_dir():
-        from ..integrations.diffusers import load_diffusers
-
-        return load_diffusers(path, device=device)
-    if path.suffix == ".safetensors":
-        from ..models import load_unet
-
-        model, meta = load_unet(path)
-        if "schedule" not in meta:
-            raise ValueError(f"{path}: its metadata must hold the training 'schedule'")
-        return model.to(device), NoiseSchedule.from_config(meta["schedule"])
-    raise ValueError(
-        f"--model must be a diffusers directory, a .safetensors UNet checkpoint or 'digits', "
-        f"got {spec!r}"
-    )
-
-
 def main(args) -> int:
     from ..distributed import RankInfo, init_process_group
 
@@ -159,14 +136,50 @@ def main(args) -> int:
 
 
 def _run(args, info, device) -> int:
-    from ..distributed import all_agree, batch_plan
     from ..io import ensure_writable_dir
-    from ..protector import load_protector
-    from ..sampler import CPSampler
-    from ..shards import OutputLock, new_manifest
+    from ..models import sample_shape
+    from ..shards import new_manifest
 
     # everything that can be refused is checked before the folder is touched
     out = ensure_writable_dir(args.out, "--out")
+    eps_model, protector, t2i, sampler = _load_sampler(args, device)
+    shape_chw = sample_shape(eps_model)
+    if protector is not None:
+        check_protector_fits(protector, shape_chw)
+    manifest = new_manifest(_manifest(args, shape_chw), args.num_samples, args.batch_size)
+
+    def sample_batch(start: int, size: int) -> dict[str, torch.Tensor]:
+        _condition_batch(args, eps_model, t2i, start, size, device)
+        x, trace = sampler.sample((size, *shape_chw), seed=args.seed, sample_offset=start,
+                                  return_trace=True, device=device)  # fmt: skip
+        if t2i is not None:
+            x = t2i.decode(x)  # latents -> images in [-1, 1]
+        return audit_record(x, trace, start)
+
+    def announce(done_before: int) -> None:
+        print(
+            f"cpsample sample: {args.num_samples} samples {shape_chw}, {args.steps} steps, "
+            f"{'protected' if protector is not None else 'plain DDIM'}, device {device}, "
+            f"{info.world_size} rank(s); {done_before} of {manifest['num_batches']} batches "
+            "already done (verified)"
+        )
+
+    stats = run_sharded(sample_batch, out, manifest, info=info, seed=args.seed,
+                        output=args.output, resume=not args.no_resume,
+                        progress=not args.no_progress, result_files=RESULT_FILES,
+                        announce=announce, warn=_warn)  # fmt: skip
+    if stats is not None:  # rank 0: the run is merged
+        _write_result(args, out, sampler, info, device, manifest["run_id"], stats)
+    return 0
+
+
+def _load_sampler(args, device):
+    """``(eps_model, protector or None, text-to-image wrapper or None, CPSampler)``, with
+    ``--settings`` applied and the models in the requested dtype / memory format."""
+    from ..models import load_eps_model
+    from ..protector import load_protector
+    from ..sampler import CPSampler
+
     t2i = None
     if args.prompt:
         if args.class_labels:
@@ -195,7 +208,6 @@ def _run(args, info, device) -> int:
     for m in (eps_model, protector):
         if isinstance(m, torch.nn.Module) and (dtype is not None or args.channels_last):
             m.to(dtype=dtype, memory_format=memory_format)
-
     sampler = CPSampler(
         eps_model,
         protector,
@@ -211,236 +223,46 @@ def _run(args, info, device) -> int:
         use_clipped_model_output=args.use_clipped_model_output,
         solver=args.solver,
     )
-    shape_chw = _sample_shape(eps_model, protector)
-    if protector is not None:
-        check_protector_fits(protector, shape_chw)
-    plan = batch_plan(args.num_samples, args.batch_size, info)
-    manifest = new_manifest(_manifest(args, shape_chw), args.num_samples, args.batch_size)
-    run = manifest["run_id"]
-
-    lock = OutputLock(out, "--out")
-    refusal = None
-    if info.rank == 0:
-        try:
-            lock.acquire()
-            _prepare_folder(out, manifest, resume=not args.no_resume)
-        except ValueError as err:
-            lock.release()
-            refusal = err
-    if not all_agree(info, refusal is None):  # also the barrier after rank 0's preparation
-        raise refusal or ValueError("rank 0 refused the run; see its message")
-    try:
-        return _sample_and_merge(args, info, device, out, sampler, eps_model, protector, t2i,
-                                 shape_chw, plan, manifest, run)  # fmt: skip
-    finally:
-        lock.release()
+    return eps_model, protector, t2i, sampler
 
 
-def _sample_and_merge(
-    args, info, device, out, sampler, eps_model, protector, t2i, shape_chw, plan, manifest, run
-):
-    from ..distributed import all_sum, barrier
-    from ..shards import ShardError, read_shard, shard_path, write_shard
+def _write_result(args, out: Path, sampler, info, device, run: str, stats: dict) -> None:
+    """``sample.json``, written last: the run is finished."""
+    from ..io import write_json_atomic
 
-    todo, verified = [], 0
-    for b, first, size in plan:
-        path = shard_path(out, b)
-        if path.exists():
-            try:
-                read_shard(path, run=run, batch_index=b, first_sample=first, size=size)
-                verified += 1
-                continue
-            except ShardError as err:
-                _warn(f"{err}; regenerating it")
-        todo.append((b, first, size))
-    done_before = int(all_sum(info, verified))
-    if info.rank == 0:
-        print(
-            f"cpsample sample: {args.num_samples} samples {shape_chw}, {args.steps} steps, "
-            f"{'protected' if protector is not None else 'plain DDIM'}, device {device}, "
-            f"{info.world_size} rank(s); {done_before} of {manifest['num_batches']} batches "
-            "already done (verified)"
-        )
-    from tqdm import tqdm
-
-    t0 = time.perf_counter()
-    done = 0
-    for b, start, size in tqdm(todo, disable=args.no_progress or info.rank != 0, desc="batches"):
-        _condition_batch(args, eps_model, t2i, start, size, device)
-        x, trace = sampler.sample(
-            (size, *shape_chw),
-            seed=args.seed,
-            sample_offset=start,
-            return_trace=True,
-            device=device,
-        )
-        if t2i is not None:
-            x = t2i.decode(x)  # latents -> images in [-1, 1]
-        write_shard(
-            out,
-            b,
-            audit_record(x, trace, start),
-            run=run,
-            seed=args.seed,
-            first_sample=start,
-        )
-        done += size
-    elapsed = time.perf_counter() - t0
-    barrier(info)
-    if info.rank == 0:
-        stats = merge_run(out, manifest, args.output)
-        result = {
-            "model": args.model,
-            "protector": args.protector,
-            "num_samples": args.num_samples,
-            "steps": args.steps,
-            "eta": args.eta,
-            "solver": args.solver,
-            "scale": sampler.scale,
-            "alpha": args.alpha,
-            "mode": args.mode,
-            "guidance_range": getattr(args, "guidance_range", None),
-            "settings": args.settings,
-            "seed": args.seed,
-            "backend": args.backend,
-            "compile": args.compile,
-            "bf16": args.bf16,
-            "use_clipped_model_output": args.use_clipped_model_output,
-            "world_size": info.world_size,
-            "device": str(device),
-            "run_id": run,
-            "output": args.output,
-            "class_labels": args.class_labels,
-            "prompt": args.prompt,
-            "negative_prompt": args.negative_prompt,
-            "guidance_scale": args.guidance_scale if args.prompt else None,
-            "rank0_seconds": elapsed,
-            "rank0_images_per_second": done / elapsed if done and elapsed > 0 else None,
-            **stats,
-        }
-        from ..io import write_json_atomic
-
-        write_json_atomic(out / "sample.json", result)  # last: the run is finished
-        print(f"wrote {out}: {', '.join(stats['files'])}, sample.json")
-    return 0
+    result = {
+        "model": args.model,
+        "protector": args.protector,
+        "num_samples": args.num_samples,
+        "steps": args.steps,
+        "eta": args.eta,
+        "solver": args.solver,
+        "scale": sampler.scale,
+        "alpha": args.alpha,
+        "mode": args.mode,
+        "guidance_range": getattr(args, "guidance_range", None),
+        "settings": args.settings,
+        "seed": args.seed,
+        "backend": args.backend,
+        "compile": args.compile,
+        "bf16": args.bf16,
+        "use_clipped_model_output": args.use_clipped_model_output,
+        "world_size": info.world_size,
+        "device": str(device),
+        "run_id": run,
+        "output": args.output,
+        "class_labels": args.class_labels,
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "guidance_scale": args.guidance_scale if args.prompt else None,
+        **stats,
+    }
+    write_json_atomic(out / "sample.json", result)
+    print(f"wrote {out}: {', '.join(stats['files'])}, sample.json")
 
 
 def _warn(message: str) -> None:
     print(f"cpsample sample: warning: {message}", file=sys.stderr)
-
-
-def _prepare_folder(out: Path, manifest: dict, *, resume: bool) -> None:
-    """Rank 0, holding the lock: refuse another run's shards, or clear them (``--no-resume``);
-    remove the finished-run files; write the run's manifest."""
-    from ..io import write_json_atomic
-    from ..shards import ShardError, clear_shards, manifest_path, read_manifest, settings_diff
-
-    if resume:
-        try:
-            old = read_manifest(out)
-        except (ShardError, ValueError) as err:
-            raise ValueError(
-                f"{err}; use another --out, or --no-resume to redo every batch"
-            ) from None
-        if old is not None and old.get("run_id") != manifest["run_id"]:
-            diff = settings_diff(old.get("settings") or {}, manifest["settings"])
-            raise ValueError(
-                f"--out {str(out)!r} holds shards of a different run (settings differ: "
-                f"{', '.join(diff) or 'run id'}); use another --out, or --no-resume to redo "
-                "every batch"
-            )
-    else:
-        clear_shards(out)
-    for name in RESULT_FILES:
-        (out / name).unlink(missing_ok=True)
-    write_json_atomic(manifest_path(out), manifest)
-
-
-def audit_record(x: torch.Tensor, trace, first_sample: int) -> dict[str, torch.Tensor]:
-    """A batch's shard tensors: the samples and the per-sample audit record.
-
-    ``gate [n, steps]`` (uint8: 1 at each loop step where guidance acted), ``confidence
-    [n, steps]`` (q, NaN where the protector was not run), ``final_confidence [n]`` (q at the
-    last step where the protector ran; NaN if it never ran) and ``sample_index [n]``.
-    """
-    conf = trace.confidence.T.contiguous().float().cpu()  # [n, steps]
-    steps = conf.shape[1]
-    pos = torch.where(~torch.isnan(conf), torch.arange(steps), -1).amax(1)  # [n]
-    final = conf.gather(1, pos.clamp_min(0)[:, None])[:, 0]
-    final = torch.where(pos >= 0, final, torch.full_like(final, float("nan")))
-    n = x.shape[0]
-    return {
-        "samples": x.float().clamp(-1, 1).cpu(),
-        "gate": trace.gate.T.contiguous().to(torch.uint8).cpu(),
-        "confidence": conf,
-        "final_confidence": final,
-        "sample_index": torch.arange(first_sample, first_sample + n, dtype=torch.int64),
-    }
-
-
-def merge_run(out: Path, manifest: dict, output: str = "npz") -> dict:
-    """Verify every shard, stream them into the chosen output, record their checksums in the
-    manifest, and write ``grid.png`` / ``trace.png``. One shard is in memory at a time.
-
-    Returns:
-        Summary statistics for ``sample.json`` (guidance fractions, files written).
-    """
-    from ..eval.plots import save_image_grids, save_lines_png
-    from ..shards import StreamingNpzWriter, finish_manifest, iter_shards, write_images
-
-    n = manifest["num_samples"]
-    writer = StreamingNpzWriter(out / "samples.npz", n) if output == "npz" else None
-    checksums: dict[int, str] = {}
-    gate_sum = conf_sum = conf_cnt = None
-    ever, grid = 0, []
-    try:
-        for b, (first, tensors, checksum) in enumerate(iter_shards(out, manifest)):
-            checksums[b] = checksum
-            arrays = {k: v.numpy() for k, v in tensors.items()}
-            if writer is not None:
-                writer.append(arrays)
-            if output == "images":
-                write_images(out / "images", first, arrays["samples"])
-            gate = arrays["gate"].astype(np.float64)
-            conf = arrays["confidence"].astype(np.float64)
-            ok = ~np.isnan(conf)
-            if gate_sum is None:
-                gate_sum, conf_sum, conf_cnt = (np.zeros(gate.shape[1]) for _ in range(3))
-            gate_sum += gate.sum(0)
-            conf_sum += np.where(ok, conf, 0.0).sum(0)
-            conf_cnt += ok.sum(0)
-            ever += int((gate.max(1) > 0).sum())
-            if sum(g.shape[0] for g in grid) < 64:
-                grid.append(arrays["samples"][: 64 - sum(g.shape[0] for g in grid)])
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    files = []
-    if writer is not None:
-        writer.close()
-        files.append("samples.npz")
-    if output == "images":
-        files.append("images/")
-    finish_manifest(out, manifest, checksums)
-    files.append("shards/manifest.json")
-    save_image_grids({"samples": torch.from_numpy(np.concatenate(grid))}, out / "grid.png")
-    steps = np.arange(gate_sum.shape[0])
-    with np.errstate(all="ignore"):
-        mean_conf = np.where(conf_cnt > 0, conf_sum / np.maximum(conf_cnt, 1), np.nan)
-    save_lines_png(
-        {"fraction guided": (steps, gate_sum / n), "mean confidence q": (steps, mean_conf)},
-        out / "trace.png",
-        xlabel="step",
-        ylabel="value",
-        title="guidance per step",
-    )
-    files += ["grid.png", "trace.png"]
-    return {
-        "fraction_of_samples_ever_guided": ever / n,
-        "mean_fraction_guided_per_step": (gate_sum / n).tolist(),
-        "files": files,
-    }
 
 
 def check_protector_fits(protector, shape_chw: tuple[int, int, int]) -> None:
@@ -547,19 +369,3 @@ def _same_schedule(config: dict, schedule) -> bool:
 
     other = NoiseSchedule.from_config(config)
     return bool(torch.equal(other.alphas_cumprod, schedule.alphas_cumprod))
-
-
-def _sample_shape(eps_model, protector) -> tuple[int, int, int]:
-    """``(C, H, W)`` from the model's config (package UNet or diffusers UNet)."""
-    cfg = getattr(eps_model, "config", None)
-    unet = getattr(eps_model, "unet", None)
-    if unet is not None:
-        cfg = unet.config
-    if cfg is not None:
-        get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
-        c = get("in_channels") or get("channels")
-        s = get("sample_size") or get("resolution") or get("image_size")
-        if c and s:
-            s = s if isinstance(s, (tuple, list)) else (s, s)
-            return int(c), int(s[0]), int(s[1])
-    raise ValueError("cannot tell the sample shape (C, H, W) from the model's config")

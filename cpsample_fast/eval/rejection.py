@@ -110,9 +110,9 @@ def _image_shape_of(eps_model) -> tuple[int, int, int] | None:
     if shape is not None and len(shape) == 3:
         return tuple(int(s) for s in shape)
     try:
-        from ..cli.sample import _sample_shape
+        from ..models.loading import sample_shape
 
-        return _sample_shape(eps_model, None)
+        return sample_shape(eps_model)
     except ValueError:
         return None
 
