@@ -24,7 +24,6 @@ without it, rather than silently ignored: the membership-attack options need ``-
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -59,6 +58,14 @@ _NEEDS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    _input_arguments(p)
+    _replication_arguments(p.add_argument_group("replication"))
+    _quality_arguments(p.add_argument_group("quality (needs --reference)"))
+    _membership_arguments(p.add_argument_group("membership attack (needs --model)"))
+    _rejection_arguments(p.add_argument_group("rejection-sampling run (needs --rejection-alpha)"))
+
+
+def _input_arguments(p) -> None:
     p.add_argument(
         "--samples",
         required=True,
@@ -77,63 +84,82 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--normalize",
         action="store_true",
         help="rescale min/max onto [-1, 1] the real-image sets (--train, --reference, "
-        "--nonmembers), as train-protector --normalize does; samples are left as they are",
+        "--nonmembers), as train-protector --normalize does; samples are left as "
+        "they are",
     )
-    p.add_argument(
-        "--reference",
-        help="held-out real images for the Fréchet distance / KID "
-        "(.npz, folder, or 'digits-eval'); skipped when absent",
-    )
-    p.add_argument(
+    p.add_argument("--out", default="evaluation", help="output folder")
+
+
+def _replication_arguments(g) -> None:
+    g.add_argument(
         "--thresholds",
         type=float,
         nargs="+",
         default=[0.95, 0.97],
         help="cosine-similarity thresholds in [-1, 1] (default 0.95 0.97)",
     )
-    p.add_argument(
+    g.add_argument(
+        "--blur-sigma",
+        type=float,
+        default=1.0,
+        help="also report replication after a Gaussian blur of this many pixels on "
+        "samples and training images alike (default 1; 0 = off)",
+    )
+
+
+def _quality_arguments(g) -> None:
+    g.add_argument(
+        "--reference",
+        help="held-out real images for the Fréchet distance / KID (.npz, folder, or "
+        "'digits-eval'); skipped when absent",
+    )
+    g.add_argument(
         "--quality-features",
         default=None,
         choices=["auto", "inception", "trained", "pixels"],
-        help="feature space of the Fréchet distance (needs --reference; default auto: inception "
-        "when --inception-weights is given, else a network trained on --reference)",
+        help="feature space of the Fréchet distance (needs --reference; default auto: "
+        "inception when --inception-weights is given, else a network trained on "
+        "--reference)",
     )
-    p.add_argument(
+    g.add_argument(
         "--inception-weights",
         help="local torch-fidelity Inception-v3 weights file (needs --reference)",
     )
-    p.add_argument(
+
+
+def _membership_arguments(g) -> None:
+    g.add_argument(
         "--model",
-        help="eps-model for the membership attack ('digits', a "
-        ".safetensors UNet checkpoint or a diffusers folder)",
+        help="eps-model for the membership attack ('digits', a .safetensors UNet "
+        "checkpoint or a diffusers folder)",
     )
-    p.add_argument(
+    g.add_argument(
         "--nonmembers", help="non-member images for the membership attack (needs --model)"
     )
-    p.add_argument(
+    g.add_argument(
         "--protector",
-        help="protector checkpoint trained on --train: also attack through CPSample's ε̂ "
-        "(needs --model)",
+        help="protector checkpoint trained on --train: also attack through "
+        "CPSample's ε̂ (needs --model)",
     )
-    p.add_argument(
+    g.add_argument(
         "--scale",
         type=float,
         default=None,
         help=f"guidance scale s for ε̂ (needs --protector; default {DEFAULT_SCALE:g})",
     )
-    p.add_argument(
+    g.add_argument(
         "--alpha",
         type=float,
         default=None,
         help=f"gate threshold α for ε̂ (needs --protector; default {DEFAULT_ALPHA:g})",
     )
-    p.add_argument(
+    g.add_argument(
         "--mode",
         default=None,
         choices=MODES,
         help=f"guidance mode for ε̂ (needs --protector; default {DEFAULT_MODE})",
     )
-    p.add_argument(
+    g.add_argument(
         "--timesteps",
         type=int,
         nargs="+",
@@ -142,30 +168,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         + " ".join(map(str, DEFAULT_TIMESTEPS))
         + ")",
     )
-    p.add_argument(
-        "--blur-sigma",
-        type=float,
-        default=1.0,
-        help="also report replication after a Gaussian blur of this many pixels on samples and "
-        "training images alike (default 1; 0 = off)",
-    )
-    p.add_argument(
+
+
+def _rejection_arguments(g) -> None:
+    g.add_argument(
         "--rejection-alpha",
         type=float,
         default=None,
-        help="also draw and evaluate a rejection-sampling run at this alpha, as many samples as "
-        "--samples holds (needs --protector)",
+        help="also draw and evaluate a rejection-sampling run at this alpha, as many "
+        "samples as --samples holds (needs --protector)",
     )
-    p.add_argument(
+    g.add_argument(
         "--rejection-budget",
         type=int,
         default=None,
         help="draw budget of the rejection run (default 4 x its samples)",
     )
-    p.add_argument(
+    g.add_argument(
         "--rejection-steps", type=int, default=None, help="DDIM steps of the rejection run (50)"
     )
-    p.add_argument("--out", default="evaluation", help="output folder")
 
 
 def load_images(
@@ -234,175 +255,161 @@ def check_option_dependencies(args) -> None:
 
 
 def main(args) -> int:
-    import torch
-
-    from ..eval import (
-        blurred_replication,
-        membership_inference,
-        quality,
-        rejection_sample,
-        replication,
-        save_pairs_grid,
-    )
-    from ..eval.membership import save_roc
     from ..io import write_json_atomic
-    from ..sample_audit import (
-        audit_summary,
-        is_sharded_run,
-        load_audit,
-        load_sharded_samples,
-        save_per_sample,
-    )
 
     t0 = time.perf_counter()
+    check_option_dependencies(args)  # before anything is created or loaded
+    if not args.blur_sigma >= 0:
+        raise ValueError(f"--blur-sigma must be >= 0 pixels, got {args.blur_sigma}")
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     try:
-        check_option_dependencies(args)  # before anything is created or loaded
-        out.mkdir(parents=True, exist_ok=True)
-        real = {"normalize": args.normalize, "grayscale": args.grayscale}
-        train = load_images(args.train, **real)
-        report: dict = {"samples": args.samples, "train": args.train}
-        if is_sharded_run(args.samples):  # a cpsample sample folder: stream its shards
-            samples = None
-            rep = replication(args.samples, train, thresholds=args.thresholds)
-            top = rep.similarity.argsort(descending=True)[:16]
-            best = dataclasses.replace(rep, similarity=rep.similarity[top],
-                                       nearest_index=rep.nearest_index[top])  # fmt: skip
-            save_pairs_grid(load_sharded_samples(args.samples, top), train, best,
-                            out / "nearest_pairs.png")  # fmt: skip
-        else:
-            samples = load_images(args.samples, args.samples_key, grayscale=args.grayscale)
-            rep = replication(samples, train, thresholds=args.thresholds)
-            save_pairs_grid(samples, train, rep, out / "nearest_pairs.png")
-        report["replication"] = rep.to_dict()
-        audit = load_audit(args.samples)  # the per-sample record of cpsample sample
-        if audit is not None:
-            report["audit"] = audit_summary(rep, audit)
-            save_per_sample(out / "per_sample.npz", rep, audit)
-        if not args.blur_sigma >= 0:
-            raise ValueError(f"--blur-sigma must be >= 0 pixels, got {args.blur_sigma}")
-        if args.blur_sigma > 0:
-            if samples is None:
-                samples = load_sharded_samples(args.samples)
-            report["replication_blurred"] = blurred_replication(
-                samples, train, sigma=args.blur_sigma, thresholds=args.thresholds
-            ).to_dict()
-        features = None
-        if args.reference:
-            if samples is None:
-                samples = load_sharded_samples(args.samples)
-            ref = load_images(args.reference, **real)
-            features = args.quality_features or DEFAULT_QUALITY_FEATURES
-            if features == "trained":  # one feature net for the samples and a rejection run
-                from ..eval import train_feature_net
-
-                features = train_feature_net(ref)
-            q = quality(samples, ref, features=features, inception_weights=args.inception_weights)
-            report["quality"] = q.to_dict()
-        if args.model:
-            from .sample import load_eps_model
-
-            timesteps = list(args.timesteps or DEFAULT_TIMESTEPS)
-            prot = None
-            if args.protector:
-                from ..protector import load_protector, verify_protector
-
-                prot, pmeta = load_protector(args.protector)
-                # Before any model work: ε̂ with a protector of other images is meaningless.
-                try:
-                    verify_protector(pmeta, train)
-                except ValueError as err:
-                    raise ValueError(
-                        f"--protector {args.protector} does not protect --train {args.train} "
-                        f"({err}); load --train exactly as for train-protector (same images, "
-                        "order, --normalize/--grayscale)"
-                    ) from None
-            model, schedule = load_eps_model(args.model, torch.device("cpu"))
-            non = load_images(args.nonmembers, **real)
-            results = [membership_inference(model, train, non, schedule, timesteps=timesteps)]
-            if prot is not None:
-                results.append(
-                    membership_inference(
-                        model,
-                        train,
-                        non,
-                        schedule,
-                        timesteps=timesteps,
-                        protector=prot,
-                        scale=DEFAULT_SCALE if args.scale is None else args.scale,
-                        alpha=DEFAULT_ALPHA if args.alpha is None else args.alpha,
-                        mode=args.mode or DEFAULT_MODE,
-                    )
-                )
-            save_roc(results, out / "roc.png")
-            report["membership"] = [r.to_dict() for r in results]
-            if args.rejection_alpha is not None:
-                steps = args.rejection_steps or 50
-                if samples is None:
-                    samples = load_sharded_samples(args.samples)
-                n = int(samples.shape[0])
-                rej = rejection_sample(
-                    model,
-                    prot,
-                    schedule,
-                    n,
-                    alpha=args.rejection_alpha,
-                    num_inference_steps=steps,
-                    sample_shape=tuple(samples.shape[1:]),
-                    max_draws=args.rejection_budget or 4 * n,
-                    progress=True,
-                )
-                rd = rej.to_dict()
-                rd["membership_note"] = (
-                    "rejection leaves the denoiser unchanged: the attack through eps applies"
-                )
-                if rej.n_accepted:
-                    rd["replication"] = replication(
-                        rej.samples, train, thresholds=args.thresholds
-                    ).to_dict()
-                    if args.blur_sigma > 0:
-                        rd["replication_blurred"] = blurred_replication(
-                            rej.samples, train, sigma=args.blur_sigma, thresholds=args.thresholds
-                        ).to_dict()
-                    if args.reference and rej.n_accepted >= 2:
-                        rd["quality"] = quality(
-                            rej.samples,
-                            ref,
-                            features=features,
-                            inception_weights=args.inception_weights,
-                        ).to_dict()
-                report["rejection"] = rd
-    except (ValueError, FileNotFoundError, TypeError, ImportError) as err:  # ShardError too
+        report = evaluate(args, out)
+    except ImportError as err:  # an optional dependency (faiss, diffusers) is missing
         print(f"cpsample evaluate: {err}", file=sys.stderr)
         return 2
     report["seconds"] = time.perf_counter() - t0
     write_json_atomic(out / "evaluation.json", report)
+    print(summary_text(report))
+    print(f"wrote {out / 'evaluation.json'}")
+    print(json.dumps({"seconds": round(report["seconds"], 2)}))
+    return 0
+
+
+def evaluate(args, out: Path) -> dict:
+    """Every section the options ask for, in order; the content of ``evaluation.json``."""
+    import functools
+
+    from ..eval import replication
+    from ..eval.audit import save_nearest_pairs
+    from ..sample_audit import audit_summary, is_sharded_run, load_audit, save_per_sample
+
+    real = {"normalize": args.normalize, "grayscale": args.grayscale}
+    train = load_images(args.train, **real)
+    report: dict = {"samples": args.samples, "train": args.train}
+    if is_sharded_run(args.samples):  # a cpsample sample folder: stream its shards
+        from ..sample_audit import load_sharded_samples
+
+        samples = args.samples
+        images = functools.cache(lambda: load_sharded_samples(args.samples))
+    else:
+        samples = load_images(args.samples, args.samples_key, grayscale=args.grayscale)
+        images = functools.cache(lambda: samples)
+    rep = replication(samples, train, thresholds=args.thresholds)
+    save_nearest_pairs(samples, train, rep, out / "nearest_pairs.png")
+    report["replication"] = rep.to_dict()
+    audit = load_audit(args.samples)  # the per-sample record of cpsample sample
+    if audit is not None:
+        report["audit"] = audit_summary(rep, audit)
+        save_per_sample(out / "per_sample.npz", rep, audit)
+    if args.blur_sigma > 0:
+        from ..eval import blurred_replication
+
+        report["replication_blurred"] = blurred_replication(
+            images(), train, sigma=args.blur_sigma, thresholds=args.thresholds
+        ).to_dict()
+    quality_kw = _quality_section(args, report, images, real)
+    if args.model:
+        model, prot, schedule = _membership_section(args, report, train, real, out)
+        if args.rejection_alpha is not None:
+            report["rejection"] = _rejection_section(args, model, prot, schedule, images(),
+                                                     train, quality_kw)  # fmt: skip
+    return report
+
+
+def _quality_section(args, report: dict, images, real) -> dict:
+    """Fréchet distance / KID against ``--reference`` (nothing without it); returns the
+    ``quality`` keywords a rejection run is scored with (the same features)."""
+    if not args.reference:
+        return {}
+    from ..eval import quality
+
+    ref = load_images(args.reference, **real)
+    features = args.quality_features or DEFAULT_QUALITY_FEATURES
+    if features == "trained":  # one feature net for the samples and a rejection run
+        from ..eval import train_feature_net
+
+        features = train_feature_net(ref)
+    kw = dict(reference=ref, features=features, inception_weights=args.inception_weights)
+    report["quality"] = quality(images(), **kw).to_dict()
+    return kw
+
+
+def _membership_section(args, report: dict, train, real, out: Path):
+    """The attack through ε (and ε̂ with ``--protector``); ``(model, protector, schedule)``."""
+    import torch
+
+    from ..eval.audit import membership_attacks
+    from ..eval.membership import save_roc
+    from ..models import load_eps_model
+
+    prot = None
+    if args.protector:
+        from ..protector import load_protector, verify_protector
+
+        prot, pmeta = load_protector(args.protector)
+        # Before any model work: ε̂ with a protector of other images is meaningless.
+        try:
+            verify_protector(pmeta, train)
+        except ValueError as err:
+            raise ValueError(
+                f"--protector {args.protector} does not protect --train {args.train} "
+                f"({err}); load --train exactly as for train-protector (same images, "
+                "order, --normalize/--grayscale)"
+            ) from None
+    model, schedule = load_eps_model(args.model, torch.device("cpu"))
+    non = load_images(args.nonmembers, **real)
+    guidance = dict(scale=DEFAULT_SCALE if args.scale is None else args.scale,
+                    alpha=DEFAULT_ALPHA if args.alpha is None else args.alpha,
+                    mode=args.mode or DEFAULT_MODE)  # fmt: skip
+    results = membership_attacks(model, train, non, schedule,
+                                 timesteps=list(args.timesteps or DEFAULT_TIMESTEPS),
+                                 protector=prot, **guidance)  # fmt: skip
+    save_roc(results, out / "roc.png")
+    report["membership"] = [r.to_dict() for r in results]
+    return model, prot, schedule
+
+
+def _rejection_section(args, model, prot, schedule, samples, train, quality_kw) -> dict:
+    """A rejection-sampling run of as many samples as ``--samples``, audited like them."""
+    from ..eval import rejection_sample
+    from ..eval.audit import rejection_audit
+
+    n = int(samples.shape[0])
+    rej = rejection_sample(model, prot, schedule, n, alpha=args.rejection_alpha,
+                           num_inference_steps=args.rejection_steps or 50,
+                           sample_shape=tuple(samples.shape[1:]),
+                           max_draws=args.rejection_budget or 4 * n, progress=True)  # fmt: skip
+    return rejection_audit(rej, train, thresholds=args.thresholds, blur_sigma=args.blur_sigma,
+                           **quality_kw)  # fmt: skip
+
+
+def summary_text(report: dict) -> str:
+    """The lines ``cpsample evaluate`` prints about an ``evaluation.json`` report."""
     r = report["replication"]
     rates = ", ".join(f">{k}: {v:.1%}" for k, v in r["replication_rate"].items())
-    print(
+    lines = [
         f"replication ({r['features']}): {rates}; mean NN similarity "
         f"{r['similarity_mean']:.4f}, max {r['similarity_max']:.4f}; Carlini rate "
         f"{r['carlini']['rate']:.1%}"
-    )
+    ]
     if "replication_blurred" in report:
         rb = report["replication_blurred"]
         rates = ", ".join(f">{k}: {v:.1%}" for k, v in rb["replication_rate"].items())
-        print(f"replication ({rb['features']}): {rates}")
+        lines.append(f"replication ({rb['features']}): {rates}")
     if "quality" in report:
         q = report["quality"]
-        print(
+        lines.append(
             f"Fréchet distance {q['frechet_distance']:.3f}, KID {q['kid_mean']:.4f} "
             f"[{q['feature_space']}]"
         )
     for m in report.get("membership", []):
         ts = m["two_sided"]
-        print(
+        lines.append(
             f"membership via {m['threat_model']}: two-sided AUC={ts['auc']:.3f} "
             f"|z|={ts['abs_z']:.2f} ({ts['direction']}); one-sided z={m['z']:.2f} "
             f"p={m['p_value']:.2e} AUC={m['auc']:.3f} TPR@1%FPR={m['tpr_at_1pct_fpr']:.3f}"
         )
     if "rejection" in report:
-        print(report["rejection"]["message"])
-    print(f"wrote {out / 'evaluation.json'}")
-    print(json.dumps({"seconds": round(report["seconds"], 2)}))
-    return 0
+        lines.append(report["rejection"]["message"])
+    return "\n".join(lines)
