@@ -33,69 +33,65 @@ from ..guidance import MODES
 HELP = "CPSample vs plain DDIM on a memorising digits model: replication, quality, membership"
 
 
+# The plain options as (type, help) per group; their defaults are DemoConfig's, in one place.
+_OPTIONS = {
+    "sampling": {
+        "n": (int, "samples per sampler (default %(default)s)"),
+        "steps": (int, "DDIM steps (default %(default)s)"),
+        "seed": (int, "noise seed shared by both samplers"),
+        "scale": (float, "guidance scale s"),
+        "alpha": (float, "gate threshold α"),
+        "backend": (str, "CPSampler backend"),
+        "rejection_budget": (
+            int,
+            "draw budget of the rejection-sampling baseline (default 2 x --n; 0 skips it)",
+        ),
+    },
+    "audit": {
+        "n_nonmembers": (int, "held-out digits used as non-members in the membership attack"),
+        "feature_steps": (
+            int,
+            "training steps of the Fréchet feature network (default %(default)s)",
+        ),
+        "blur_sigma": (
+            float,
+            "Gaussian blur (pixels) of the near-copy audit, on samples and members alike",
+        ),
+    },
+    "models": {
+        "unet_steps": (int, "UNet steps with --train"),
+        "protector_steps": (int, "protector steps with --train"),
+    },
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    _sampling_arguments(p.add_argument_group("sampling"))
-    _audit_arguments(p.add_argument_group("audit"))
-    _model_arguments(p.add_argument_group("models"))
-
-
-def _sampling_arguments(g) -> None:
-    g.add_argument("--n", type=int, default=128, help="samples per sampler (default 128)")
-    g.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    g.add_argument("--seed", type=int, default=0, help="noise seed shared by both samplers")
-    g.add_argument("--scale", type=float, default=DEFAULT_SCALE, help="guidance scale s")
-    g.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="gate threshold α")
-    g.add_argument("--mode", default=DEFAULT_MODE, choices=MODES)
-    g.add_argument("--backend", default="auto", help="CPSampler backend")
-    g.add_argument(
+    d = DemoConfig()
+    p.add_argument("--out", default=str(d.out), help="output folder (default %(default)s)")
+    groups = {name: p.add_argument_group(name) for name in _OPTIONS}
+    for group, options in _OPTIONS.items():
+        for name, (kind, text) in options.items():
+            flag = "--" + name.replace("_", "-")
+            groups[group].add_argument(flag, type=kind, default=getattr(d, name), help=text)
+    groups["sampling"].add_argument("--mode", default=d.mode, choices=MODES)
+    groups["sampling"].add_argument(
         "--guidance-range",
         type=int,
         nargs=2,
-        default=DEFAULT_GUIDANCE_RANGE,
+        default=d.guidance_range,
         metavar=("T_MIN", "T_MAX"),
         help="inclusive timesteps where guidance acts (default from the tuned settings)",
     )
-    g.add_argument(
-        "--rejection-budget",
-        type=int,
-        default=None,
-        help="draw budget of the rejection-sampling baseline (default 2 x --n; 0 skips it)",
+    groups["audit"].add_argument("--thresholds", type=float, nargs="+", default=list(d.thresholds))
+    groups["audit"].add_argument(
+        "--attack-timesteps", type=int, nargs="+", default=list(d.attack_timesteps)
     )
-
-
-def _audit_arguments(g) -> None:
-    g.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS))
-    g.add_argument(
-        "--n-nonmembers",
-        type=int,
-        default=64,
-        help="held-out digits used as non-members in the membership attack",
-    )
-    g.add_argument("--attack-timesteps", type=int, nargs="+", default=[50, 100, 200])
-    g.add_argument(
-        "--feature-steps",
-        type=int,
-        default=200,
-        help="training steps of the Fréchet feature network (default 200)",
-    )
-    g.add_argument(
-        "--blur-sigma",
-        type=float,
-        default=BLUR_SIGMA,
-        help="Gaussian blur (pixels) of the near-copy audit, on samples and members alike",
-    )
-
-
-def _model_arguments(g) -> None:
-    g.add_argument(
+    groups["models"].add_argument(
         "--train",
         action="store_true",
         help="train the eps-model and protector here instead of loading the shipped "
         "weights (UNet ~25 min, protector ~2 min on one CPU thread)",
     )
-    g.add_argument("--unet-steps", type=int, default=8000, help="UNet steps with --train")
-    g.add_argument("--protector-steps", type=int, default=1500, help="protector steps with --train")
 
 
 def config_from_args(args) -> DemoConfig:

@@ -60,9 +60,9 @@ _NEEDS = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     _input_arguments(p)
     _replication_arguments(p.add_argument_group("replication"))
-    _quality_arguments(p.add_argument_group("quality (needs --reference)"))
-    _membership_arguments(p.add_argument_group("membership attack (needs --model)"))
-    _rejection_arguments(p.add_argument_group("rejection-sampling run (needs --rejection-alpha)"))
+    _quality_arguments(p.add_argument_group("quality"))
+    _membership_arguments(p.add_argument_group("membership attack"))
+    _rejection_arguments(p.add_argument_group("rejection-sampling run"))
 
 
 def _input_arguments(p) -> None:
@@ -107,24 +107,23 @@ def _replication_arguments(g) -> None:
     )
 
 
+def _dependent(g, option: str, text: str, default=None, **kw) -> None:
+    """An option that applies only with another (``_NEEDS``): ``None`` on the parser, so that
+    "given" can be told from "left at its default"; its help says what it needs."""
+    tail = f"needs {_NEEDS[option][1]}" + ("" if default is None else f"; default {default}")
+    g.add_argument(option, default=None, help=f"{text} ({tail})", **kw)
+
+
 def _quality_arguments(g) -> None:
     g.add_argument(
         "--reference",
         help="held-out real images for the Fréchet distance / KID (.npz, folder, or "
         "'digits-eval'); skipped when absent",
     )
-    g.add_argument(
-        "--quality-features",
-        default=None,
-        choices=["auto", "inception", "trained", "pixels"],
-        help="feature space of the Fréchet distance (needs --reference; default auto: "
-        "inception when --inception-weights is given, else a network trained on "
-        "--reference)",
-    )
-    g.add_argument(
-        "--inception-weights",
-        help="local torch-fidelity Inception-v3 weights file (needs --reference)",
-    )
+    features = "auto: inception when --inception-weights is given, else a network trained on it"
+    _dependent(g, "--quality-features", "feature space of the Fréchet distance", features,
+               choices=["auto", "inception", "trained", "pixels"])  # fmt: skip
+    _dependent(g, "--inception-weights", "local torch-fidelity Inception-v3 weights file")
 
 
 def _membership_arguments(g) -> None:
@@ -133,60 +132,22 @@ def _membership_arguments(g) -> None:
         help="eps-model for the membership attack ('digits', a .safetensors UNet "
         "checkpoint or a diffusers folder)",
     )
-    g.add_argument(
-        "--nonmembers", help="non-member images for the membership attack (needs --model)"
-    )
-    g.add_argument(
-        "--protector",
-        help="protector checkpoint trained on --train: also attack through "
-        "CPSample's ε̂ (needs --model)",
-    )
-    g.add_argument(
-        "--scale",
-        type=float,
-        default=None,
-        help=f"guidance scale s for ε̂ (needs --protector; default {DEFAULT_SCALE:g})",
-    )
-    g.add_argument(
-        "--alpha",
-        type=float,
-        default=None,
-        help=f"gate threshold α for ε̂ (needs --protector; default {DEFAULT_ALPHA:g})",
-    )
-    g.add_argument(
-        "--mode",
-        default=None,
-        choices=MODES,
-        help=f"guidance mode for ε̂ (needs --protector; default {DEFAULT_MODE})",
-    )
-    g.add_argument(
-        "--timesteps",
-        type=int,
-        nargs="+",
-        default=None,
-        help="attack timesteps, training schedule (needs --model; default "
-        + " ".join(map(str, DEFAULT_TIMESTEPS))
-        + ")",
-    )
+    _dependent(g, "--nonmembers", "non-member images for the membership attack")
+    _dependent(g, "--protector", "protector checkpoint trained on --train: also attack "
+               "through CPSample's ε̂")  # fmt: skip
+    _dependent(g, "--scale", "guidance scale s for ε̂", f"{DEFAULT_SCALE:g}", type=float)
+    _dependent(g, "--alpha", "gate threshold α for ε̂", f"{DEFAULT_ALPHA:g}", type=float)
+    _dependent(g, "--mode", "guidance mode for ε̂", DEFAULT_MODE, choices=MODES)
+    _dependent(g, "--timesteps", "attack timesteps, training schedule",
+               " ".join(map(str, DEFAULT_TIMESTEPS)), type=int, nargs="+")  # fmt: skip
 
 
 def _rejection_arguments(g) -> None:
-    g.add_argument(
-        "--rejection-alpha",
-        type=float,
-        default=None,
-        help="also draw and evaluate a rejection-sampling run at this alpha, as many "
-        "samples as --samples holds (needs --protector)",
-    )
-    g.add_argument(
-        "--rejection-budget",
-        type=int,
-        default=None,
-        help="draw budget of the rejection run (default 4 x its samples)",
-    )
-    g.add_argument(
-        "--rejection-steps", type=int, default=None, help="DDIM steps of the rejection run (50)"
-    )
+    _dependent(g, "--rejection-alpha", "also draw and evaluate a rejection-sampling run at "
+               "this alpha, as many samples as --samples holds", type=float)  # fmt: skip
+    _dependent(g, "--rejection-budget", "draw budget of the rejection run", "4 x its samples",
+               type=int)  # fmt: skip
+    _dependent(g, "--rejection-steps", "DDIM steps of the rejection run", 50, type=int)
 
 
 def load_images(
