@@ -255,3 +255,34 @@ def test_split_is_disjoint():
     split = digits_split()
     idx = torch.cat([split.member_index, split.holdout_index, split.evaluation_index])
     assert idx.unique().numel() == idx.numel()
+
+
+def test_demo_options_are_the_config_fields():
+    """Every DemoConfig field is a ``cpsample demo`` option with the config's default."""
+    from cpsample_fast.cli.__main__ import build_parser
+    from cpsample_fast.eval.demo import DemoConfig
+
+    args = build_parser().parse_args(["demo"])
+    fields = DemoConfig.__dataclass_fields__
+    assert all(hasattr(args, k) for k in fields), [k for k in fields if not hasattr(args, k)]
+    assert demo.config_from_args(args).checked() == DemoConfig().checked()
+    args = build_parser().parse_args(["demo", "--n", "7", "--guidance-range", "10", "500"])
+    assert demo.config_from_args(args).checked().n == 7
+    assert demo.config_from_args(args).checked().guidance_range == (10, 500)
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ({"n": 1}, "--n and --n-nonmembers must be >= 2"),
+        ({"blur_sigma": 0.0}, "--blur-sigma must be > 0"),
+        ({"n": 8, "rejection_budget": 3}, r"--rejection-budget must be 0 or >= --n \(8\)"),
+        ({"thresholds": (0.9, 2.0)}, r"thresholds must lie in \[-1, 1\]"),
+    ],
+)
+def test_run_demo_refuses_bad_config_before_writing(tmp_path, bad, match):
+    from cpsample_fast.eval.demo import DemoConfig, run_demo
+
+    with pytest.raises(ValueError, match=match):
+        run_demo(DemoConfig(out=tmp_path / "never", **bad))
+    assert not (tmp_path / "never").exists()
