@@ -57,12 +57,14 @@ def check_identity(saved: Mapping | None, identity: Mapping, *, where: str, retr
         )
 
 
-def check_resume_step(step: int, steps: int, *, where: str) -> int:
+def check_resume_step(
+    step: int, steps: int, *, where: str, retry: str, start_over: str = "resume=False"
+) -> int:
     """``step`` when a run stored at ``step`` can continue to ``steps``; ValueError otherwise."""
     if step > steps:
         raise ValueError(
-            f"{where} holds this run at step {step}, past steps={steps}; pass steps >= {step} "
-            "to continue it, resume=False (--no-resume) to start over, or another checkpoint"
+            f"{where} is already at step {step}, past steps={steps}; pass steps >= {step} to "
+            f"continue it, {start_over} to start over, or another {retry}"
         )
     return step
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..data import as_image_tensor, check_images
 from ..io import ensure_writable_dir
+from ..resume import check_resume_step
 from .checkpoint import TRAIN_STATE_FORMAT, load_train_state, save_train_state
 from .config import ProtectorTrainConfig, timestep_sampler
 from .labels import dataset_fingerprint, draw_labels
@@ -328,13 +329,10 @@ def _resume(
     state = load_train_state(ckpt_dir, identity, net, opt, gen)
     if state is None:
         return _Progress()
-    step = int(state["step"])
-    if step > cfg.steps:
-        raise ValueError(
-            f"checkpoint_dir {str(ckpt_dir)!r} holds this run at step {step}, past "
-            f"steps={cfg.steps}; pass steps >= {step} to continue it, resume=False "
-            "(--no-resume) to start over, or another checkpoint_dir"
-        )
+    step = check_resume_step(
+        int(state["step"]), cfg.steps, where=f"checkpoint_dir {str(ckpt_dir)!r}",
+        retry="checkpoint_dir", start_over="resume=False (--no-resume)",
+    )  # fmt: skip
     return _Progress(step=step, **state["progress"])
 
 
