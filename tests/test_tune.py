@@ -256,5 +256,5 @@ def test_image_pair_names_the_mismatch():
     assert a.shape == (2, 1, 8, 8) and a.dtype == torch.float32 and b.shape == (3, 1, 8, 8)
     with pytest.raises(ValueError, match=r"members and reference must share the image shape"):
         image_pair(torch.zeros(2, 1, 8, 8), torch.zeros(2, 3, 8, 8), "members", "reference")
-    with pytest.raises(ValueError, match="reference is required"):
+    with pytest.raises(TypeError, match="reference must be a tensor or numpy array"):
         image_pair(torch.zeros(2, 1, 8, 8), None, "members", "reference")

@@ -11,12 +11,9 @@ def image_pair(a, b, name_a: str, name_b: str) -> tuple[torch.Tensor, torch.Tens
     """``(a, b)`` as float32 ``[N, C, H, W]`` batches (``as_image_batch``) of one image shape.
 
     Raises:
-        ValueError: either set is missing, empty, of the wrong rank or not finite (naming it),
-            or the two image shapes differ (naming both).
+        TypeError: either set is not a tensor or array. ValueError: either set is empty, of the
+            wrong rank or not finite (naming it), or the two image shapes differ (naming both).
     """
-    for x, name in ((a, name_a), (b, name_b)):
-        if x is None:
-            raise ValueError(f"{name} is required (got None)")
     a, b = as_image_batch(a, name_a), as_image_batch(b, name_b)
     if a.shape[1:] != b.shape[1:]:
         raise ValueError(

@@ -29,6 +29,8 @@ def _check_data(members, reference, protector_meta):
             "reference images are required: real held-out images of the training distribution "
             "(Fréchet reference, blurred-rate calibration, membership non-members)"
         )
+    if members is None:
+        raise ValueError("members is required (got None)")
     mem, ref = image_pair(members, reference, "members", "reference")
     if ref.shape[0] < 4:
         raise ValueError(f"reference needs at least 4 images, got {ref.shape[0]}")
