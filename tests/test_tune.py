@@ -258,3 +258,21 @@ def test_image_pair_names_the_mismatch():
         image_pair(torch.zeros(2, 1, 8, 8), torch.zeros(2, 3, 8, 8), "members", "reference")
     with pytest.raises(TypeError, match="reference must be a tensor or numpy array"):
         image_pair(torch.zeros(2, 1, 8, 8), None, "members", "reference")
+
+
+def test_cli_options_are_tune_guidance_parameters():
+    import argparse
+    import inspect
+
+    from cpsample_fast.cli import tune as cli_tune
+
+    params = inspect.signature(tune_guidance).parameters
+    assert set(cli_tune.SEARCH_OPTIONS) <= set(params)
+    parser = argparse.ArgumentParser()
+    cli_tune.add_arguments(parser)
+    argv = ["--model", "m", "--protector", "p", "--members", "a", "--reference", "b",
+            "--steps", "7", "--ranges", "all", "0-500"]  # fmt: skip
+    args = parser.parse_args(argv)
+    assert args.num_inference_steps == 7 and args.guidance_ranges == [None, (0, 500)]
+    for name in cli_tune.SEARCH_OPTIONS:
+        assert hasattr(args, name), name

@@ -17,6 +17,7 @@ resumes under another. Only rank 0 writes checkpoints. The maths is docs/ALGORIT
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
@@ -164,12 +165,7 @@ class _Progress:
     target_accuracy_measured: float | None = None
 
     def state(self) -> dict[str, Any]:
-        return {
-            "running_accuracy": self.running_accuracy,
-            "loss": self.loss,
-            "stopped_early": self.stopped_early,
-            "target_accuracy_measured": self.target_accuracy_measured,
-        }
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "step"}
 
 
 class _Batches:
