@@ -71,3 +71,25 @@ def test_parser_requires_data_and_out():
     cli.add_arguments(parser)
     with pytest.raises(SystemExit):
         parser.parse_args(["--steps", "3"])
+
+
+def test_options_map_onto_config_fields():
+    """Every option the command passes through by name is a ProtectorTrainConfig field, and the
+    parsed defaults build a valid config (the mapping cannot drift from the library)."""
+    import dataclasses
+
+    from cpsample_fast.protector import ProtectorTrainConfig
+
+    fields = {f.name for f in dataclasses.fields(ProtectorTrainConfig)}
+    assert set(cli.CONFIG_OPTIONS) <= fields
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--data", "digits", "--out", "o", "--lr", "0.01", "--no-resume"])
+    cfg = cli.training_config(args, "cpu", "o/train_state")
+    assert (cfg.lr, cfg.steps, cfg.resume, cfg.progress, cfg.latent) == (
+        0.01,
+        1000,
+        False,
+        True,
+        False,
+    )

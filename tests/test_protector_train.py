@@ -267,3 +267,30 @@ train_protector(load_digits(9, size=8), schedule=NoiseSchedule(), protector={{"b
     )
     print("SIGKILL + resume vs uninterrupted max abs weight difference", err)
     assert err <= 1e-6
+
+
+def test_config_object_and_keywords_are_the_same_call():
+    """train_protector(config=...) equals the keyword call; keywords override the config's
+    fields; an unknown keyword and a bad field are refused naming them, before any training."""
+    from cpsample_fast.protector import ProtectorTrainConfig
+
+    x = load_digits(6, size=8)
+    kw = dict(steps=3, batch_size=3, seed=4, report_bins=2, progress=False)
+    a, ra = train_protector(x, schedule=NoiseSchedule(), protector={"base_channels": 8}, **kw)
+    cfg = ProtectorTrainConfig(**dict(kw, seed=9))
+    b, rb = train_protector(
+        x, schedule=NoiseSchedule(), protector={"base_channels": 8}, config=cfg, seed=4
+    )
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    assert ra.training["settings"] == rb.training["settings"]
+    c, _ = train_protector(x, schedule=NoiseSchedule(), protector={"base_channels": 8}, config=cfg)
+    assert not all(torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'stepz'"):
+        train_protector(x, schedule=NoiseSchedule(), steps=3, stepz=4)
+    with pytest.raises(TypeError, match="config must be a ProtectorTrainConfig"):
+        train_protector(x, schedule=NoiseSchedule(), config={"steps": 3})
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        ProtectorTrainConfig(steps=3, batch_size=0)
+    with pytest.raises(ValueError, match="t_weights must be 1000 finite"):
+        train_protector(x, schedule=NoiseSchedule(), steps=3, t_weights=torch.ones(5))

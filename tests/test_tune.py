@@ -225,3 +225,54 @@ def test_tune_searches_solver_and_step_count(tiny, tmp_path):
     with pytest.raises(ValueError, match="deterministic"):
         tune_guidance(model, prot, s, members, reference, budget=40, protector_meta=meta,
                       **dict(kw, eta=0.5))  # fmt: skip
+
+
+def test_halving_plan_and_grid_are_checked_before_sampling():
+    """The plan splits the budget over rounds of ceil(len / 3**r) candidates plus a DDIM
+    baseline per round and seed; the grid is the product of its axes."""
+    from cpsample_fast.tune import MIN_SAMPLES_PER_SEED, HalvingPlan, candidate_grid
+
+    plan = HalvingPlan.for_budget(10, 3, 2, budget=2 * (10 + 4 + 2 + 3) * 9)
+    assert plan.sizes == (10, 4, 2) and plan.n0 == 9 and plan.rounds == 3
+    need = 2 * (10 + 4 + 2 + 3) * MIN_SAMPLES_PER_SEED
+    with pytest.raises(ValueError, match=f"need at least {need} samples"):
+        HalvingPlan.for_budget(10, 3, 2, budget=need - 1)
+    with pytest.raises(ValueError, match="rounds must be an int >= 1"):
+        HalvingPlan.for_budget(10, 0, 2, budget=10_000)
+    grid = candidate_grid(("repel", "entropy"), (0.3,), (10, 20), (None, [0, 500]),
+                          None, 7, 0.0)  # fmt: skip
+    assert len(grid) == 8 and grid[0] == ("repel", 0.3, 10.0, None, "ddim", 7)
+    assert ("entropy", 0.3, 20.0, (0, 500), "ddim", 7) in grid
+    with pytest.raises(ValueError, match="scales must be a non-empty list"):
+        candidate_grid(("repel",), (0.3,), (0,), (None,), None, 7, 0.0)
+    with pytest.raises(ValueError, match="mode"):
+        candidate_grid(("push",), (0.3,), (1,), (None,), None, 7, 0.0)
+
+
+def test_image_pair_names_the_mismatch():
+    from cpsample_fast.eval.inputs import image_pair
+
+    a, b = image_pair(np.zeros((2, 8, 8)), torch.zeros(3, 1, 8, 8), "generated", "reference")
+    assert a.shape == (2, 1, 8, 8) and a.dtype == torch.float32 and b.shape == (3, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"members and reference must share the image shape"):
+        image_pair(torch.zeros(2, 1, 8, 8), torch.zeros(2, 3, 8, 8), "members", "reference")
+    with pytest.raises(TypeError, match="reference must be a tensor or numpy array"):
+        image_pair(torch.zeros(2, 1, 8, 8), None, "members", "reference")
+
+
+def test_cli_options_are_tune_guidance_parameters():
+    import argparse
+    import inspect
+
+    from cpsample_fast.cli import tune as cli_tune
+
+    params = inspect.signature(tune_guidance).parameters
+    assert set(cli_tune.SEARCH_OPTIONS) <= set(params)
+    parser = argparse.ArgumentParser()
+    cli_tune.add_arguments(parser)
+    argv = ["--model", "m", "--protector", "p", "--members", "a", "--reference", "b",
+            "--steps", "7", "--ranges", "all", "0-500"]  # fmt: skip
+    args = parser.parse_args(argv)
+    assert args.num_inference_steps == 7 and args.guidance_ranges == [None, (0, 500)]
+    for name in cli_tune.SEARCH_OPTIONS:
+        assert hasattr(args, name), name

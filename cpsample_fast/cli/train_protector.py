@@ -128,6 +128,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
 
 
+# Options that are ``ProtectorTrainConfig`` fields of the same name (their ``dest``).
+CONFIG_OPTIONS = (
+    "steps", "batch_size", "lr", "t_range", "target_accuracy", "holdout_weight", "seed",
+    "label_seed", "checkpoint_every", "report_bins",
+)  # fmt: skip
+
+
+def training_config(args, device, checkpoint_dir: Path):
+    """The ``ProtectorTrainConfig`` of these options (resumable state in ``checkpoint_dir``)."""
+    from ..protector import ProtectorTrainConfig
+
+    return ProtectorTrainConfig(
+        **{name: getattr(args, name) for name in CONFIG_OPTIONS},
+        device=device,
+        checkpoint_dir=checkpoint_dir,
+        resume=not args.no_resume,
+        progress=not args.no_progress,
+        latent=bool(args.vae),
+    )
+
+
 def _load_data(args):
     """(members, holdout or None) from the CLI options."""
     from ..data import load_digits, load_image_folder, load_lfw_subset, load_npz, normalize_images
@@ -254,22 +275,8 @@ def _run(args, info, device, all_agree) -> int:
             schedule=schedule,
             protector={"base_channels": args.width, "attention_resolutions": args.attention},
             holdout=holdout,
-            label_seed=args.label_seed,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            holdout_weight=args.holdout_weight,
-            lr=args.lr,
-            t_range=args.t_range,
-            seed=args.seed,
-            device=device,
-            target_accuracy=args.target_accuracy,
-            checkpoint_dir=out / "train_state",
-            checkpoint_every=args.checkpoint_every,
-            resume=not args.no_resume,
-            progress=not args.no_progress,
-            report_bins=args.report_bins,
+            config=training_config(args, device, out / "train_state"),
             callback=clear_finished,
-            latent=bool(args.vae),
         )
         if info.rank != 0:
             return 0

@@ -37,6 +37,14 @@ def _sampler(text: str):
         ) from None
 
 
+# Options passed to ``tune_guidance`` unchanged: their ``dest`` is the parameter's name.
+SEARCH_OPTIONS = (
+    "budget", "modes", "alphas", "scales", "guidance_ranges", "samplers", "num_inference_steps",
+    "eta", "seeds", "holdout_seeds", "holdout_samples", "rounds", "threshold", "blur_sigma",
+    "n_nonmembers", "rejection_budget", "backend",
+)  # fmt: skip
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..tune import Targets
 
@@ -69,8 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", nargs="+", default=["repel", "entropy"])
     p.add_argument("--alphas", type=float, nargs="+", default=[0.3, 0.4, 0.45, 0.5])
     p.add_argument("--scales", type=float, nargs="+", default=[300.0, 1000.0, 3000.0, 8000.0])
-    p.add_argument("--ranges", type=_range, nargs="+", default=[None], help="'all' or LO-HI")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (the baseline; default 50)")
+    p.add_argument("--ranges", type=_range, nargs="+", default=[None], help="'all' or LO-HI",
+                   dest="guidance_ranges")  # fmt: skip
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (the baseline; default 50)",
+                   dest="num_inference_steps")  # fmt: skip
     p.add_argument(
         "--samplers",
         type=_sampler,
@@ -96,7 +106,7 @@ def main(args) -> int:
     from ..protector import load_protector
     from ..tune import Targets, tune_guidance
     from .evaluate import load_images
-    from .sample import load_eps_model
+    from ..models import load_eps_model
 
     try:
         import torch
@@ -114,32 +124,9 @@ def main(args) -> int:
         model, schedule = load_eps_model(args.model, torch.device("cpu"))
         protector, meta = load_protector(args.protector)
         protector.requires_grad_(False)
-        result = tune_guidance(
-            model,
-            protector,
-            schedule,
-            members,
-            reference,
-            budget=args.budget,
-            targets=targets,
-            protector_meta=meta,
-            modes=args.modes,
-            alphas=args.alphas,
-            scales=args.scales,
-            guidance_ranges=args.ranges,
-            samplers=args.samplers,
-            num_inference_steps=args.steps,
-            eta=args.eta,
-            seeds=args.seeds,
-            holdout_seeds=args.holdout_seeds,
-            holdout_samples=args.holdout_samples,
-            rounds=args.rounds,
-            threshold=args.threshold,
-            blur_sigma=args.blur_sigma,
-            n_nonmembers=args.n_nonmembers,
-            rejection_budget=args.rejection_budget,
-            backend=args.backend,
-        )
+        search = {name: getattr(args, name) for name in SEARCH_OPTIONS}
+        result = tune_guidance(model, protector, schedule, members, reference, targets=targets,
+                               protector_meta=meta, **search)  # fmt: skip
     except (ValueError, FileNotFoundError, TypeError) as err:
         print(f"cpsample tune: {err}", file=sys.stderr)
         return 2

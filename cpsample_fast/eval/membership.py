@@ -35,6 +35,7 @@ from ..guidance import check_alpha, mode_id, vjp_seed
 from ..noise import philox_normal
 from ..schedule import alphas_cumprod_of, forward_noise
 from ..validation import check_int
+from .inputs import image_pair
 from .replication import as_image_batch
 
 # The attack's noise uses its own Philox stream (constants.STREAM_MEMBERSHIP), disjoint from the
@@ -317,13 +318,7 @@ def membership_inference(
         scale, alpha, mode: CPSample's s, α and guidance mode (as used for sampling).
         guidance_range: CPSampler's inclusive ``(t_min, t_max)`` where guidance acts, if any.
     """
-    mem = as_image_batch(members, "members")
-    non = as_image_batch(nonmembers, "nonmembers")
-    if mem.shape[1:] != non.shape[1:]:
-        raise ValueError(
-            f"members and nonmembers must share the image shape, got {tuple(mem.shape[1:])} and "
-            f"{tuple(non.shape[1:])}"
-        )
+    mem, non = image_pair(members, nonmembers, "members", "nonmembers")
     kw = dict(
         timesteps=timesteps,
         n_noise=n_noise,

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .inputs import image_pair
 from .replication import as_image_batch, extract_features
 
 INCEPTION_HELP = (
@@ -242,13 +243,7 @@ def quality(
         kid_subsets: KID subsets.
         seed: seed of the trained feature net and the KID subsets.
     """
-    gen = as_image_batch(generated, "generated")
-    ref = as_image_batch(reference, "reference")
-    if gen.shape[1:] != ref.shape[1:]:
-        raise ValueError(
-            f"generated and reference must share the image shape, got "
-            f"{tuple(gen.shape[1:])} and {tuple(ref.shape[1:])}"
-        )
+    gen, ref = image_pair(generated, reference, "generated", "reference")
     if features == "auto":
         features = "inception" if inception_weights is not None else "trained"
     if features == "inception":

@@ -20,6 +20,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import check_images
+from ..resume import (
+    as_json,
+    check_identity,
+    check_resume_step,
+    load_optimizer_state,
+    optimizer_state,
+    tensor_sha256,
+)
 from ..schedule import alphas_cumprod_of, forward_noise
 from .checkpoint import load_checkpoint, save_checkpoint
 
@@ -43,14 +51,6 @@ class TrainReport:
     images_per_second: float = 0.0
 
 
-def _tensor_sha256(x: torch.Tensor) -> str:
-    """Hash of the exact float32 bytes (resuming on other data must be refused)."""
-    digest = hashlib.sha256()
-    for chunk in x.detach().split(1024):
-        digest.update(chunk.to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _train_identity(
     model: nn.Module, images: torch.Tensor, ac: torch.Tensor, settings: dict
 ) -> dict:
@@ -65,44 +65,74 @@ def _train_identity(
             json.dumps(shapes, sort_keys=True).encode()
         ).hexdigest(),
         "data_shape": [int(s) for s in images.shape],
-        "data_sha256": _tensor_sha256(images),
-        "schedule_sha256": _tensor_sha256(ac),
+        "data_sha256": tensor_sha256(images),
+        "schedule_sha256": tensor_sha256(ac),
         **settings,
     }
-    # Through JSON once, so tuples become lists exactly as in the stored copy.
-    return json.loads(json.dumps(identity, sort_keys=True))
+    return as_json(identity)
 
 
-def _check_identity(ckpt: Path, saved: dict | None, identity: dict) -> None:
-    if saved is None:
-        raise ValueError(
-            f"checkpoint {str(ckpt)!r} has no training identity (not written by "
-            "train_diffusion, or by an older version); pass resume=False to start over"
+def warmup_cosine_lr(step: int, lr: float, warmup: int, steps: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 10% of ``lr`` at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+@torch.no_grad()
+def _ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) -> None:
+    """``ema ← decay·ema + (1 - decay)·weights`` for float tensors; integer buffers copied."""
+    for k, v in model.state_dict().items():
+        if v.dtype.is_floating_point:
+            ema[k].lerp_(v, 1 - decay)
+        else:
+            ema[k].copy_(v)
+
+
+@dataclass
+class _State:
+    """What a checkpoint carries besides the weights: optimiser, generator, EMA, losses."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    ema: dict[str, torch.Tensor] | None
+    report: TrainReport
+    window: list[float] = field(default_factory=list)
+
+    def save(self, ckpt: Path, step: int, steps: int, identity: dict, meta: dict | None) -> None:
+        # The generator state (uint8) travels in the same file as the weights, so a resumed
+        # run draws exactly the batches, timesteps and noise an uninterrupted run would.
+        tensors, rest = optimizer_state(self.opt)
+        tensors.update({k: torch.as_tensor(v) for k, v in rest["plain"].items()})
+        extra = {"opt": {k: v.clone() for k, v in tensors.items()}}
+        extra["rng"] = {"train": self.gen.get_state()}
+        if self.ema is not None:
+            extra["ema"] = self.ema
+        info = dict(meta or {}, step=step, total_steps=steps, losses=self.report.losses,
+                    loss_window=self.window, identity=identity)  # fmt: skip
+        save_checkpoint(ckpt, self.model, info, **extra)
+
+    def resume(self, ckpt: Path, steps: int, identity: dict) -> int:
+        """Load ``ckpt`` (same run, checked) and return its step."""
+        groups, old = load_checkpoint(ckpt)
+        check_identity(old.get("identity"), identity, where=f"checkpoint {str(ckpt)!r}",
+                       retry="checkpoint")  # fmt: skip
+        if "rng" not in groups or "train" not in groups["rng"]:
+            raise ValueError(f"checkpoint {str(ckpt)!r} lacks the training RNG state")
+        start = check_resume_step(
+            int(old["step"]), steps, where=f"checkpoint {str(ckpt)!r}", retry="checkpoint"
         )
-    if saved != identity:
-        diff = sorted(k for k in set(identity) | set(saved) if identity.get(k) != saved.get(k))
-        raise ValueError(
-            f"checkpoint {str(ckpt)!r} holds a training run with different data or settings "
-            f"({', '.join(diff)}); pass resume=False to start over or use another checkpoint"
-        )
-
-
-def _opt_state_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {}
-    for i, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            out[f"{i}.{k}"] = torch.as_tensor(v).clone()
-    return out
-
-
-def _load_opt_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    sd = opt.state_dict()
-    state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        i, _, name = k.partition(".")
-        state.setdefault(int(i), {})[name] = v
-    sd["state"] = state
-    opt.load_state_dict(sd)
+        self.model.load_state_dict(groups["model"])
+        if self.ema is not None:
+            device = next(self.model.parameters()).device
+            self.ema = {k: v.to(device) for k, v in groups["ema"].items()}
+        load_optimizer_state(self.opt, groups.get("opt", {}))
+        self.gen.set_state(groups["rng"]["train"])
+        self.report.losses = [tuple(x) for x in old.get("losses", [])]
+        self.window = [float(v) for v in old.get("loss_window", [])]
+        return start
 
 
 def train_diffusion(
@@ -157,79 +187,20 @@ def train_diffusion(
     images = check_images(images, "images", value_range=None)
     if steps < 0 or batch_size < 1:
         raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {steps}, {batch_size}")
-    ac = alphas_cumprod_of(schedule)
-    T = ac.shape[0]
     device = next(model.parameters()).device
     images = images.float().to(device)
-    ac = ac.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    ac = alphas_cumprod_of(schedule).to(device)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if ema_decay else None
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    start = 0
-    window: list[float] = []
-    report = TrainReport()
+    st = _State(model, torch.optim.Adam(model.parameters(), lr=lr),
+                torch.Generator(device="cpu").manual_seed(seed), ema, TrainReport())  # fmt: skip
     ckpt = Path(checkpoint) if checkpoint is not None else None
     # ``steps`` is left out on purpose: a larger ``steps`` continues a finished run (the cosine
     # decay is then stretched over the new total, so only an unchanged ``steps`` reproduces an
     # uninterrupted run bit for bit).
-    identity = (
-        None
-        if ckpt is None
-        else _train_identity(
-            model,
-            images,
-            ac,
-            {
-                "batch_size": int(batch_size),
-                "lr": float(lr),
-                "warmup": int(warmup),
-                "ema_decay": float(ema_decay),
-                "seed": int(seed),
-            },
-        )
-    )
-    if ckpt is not None and resume and ckpt.exists():
-        groups, old = load_checkpoint(ckpt)
-        _check_identity(ckpt, old.get("identity"), identity)
-        if "rng" not in groups or "train" not in groups["rng"]:
-            raise ValueError(f"checkpoint {str(ckpt)!r} lacks the training RNG state")
-        start = int(old["step"])
-        if start > steps:
-            raise ValueError(
-                f"checkpoint {str(ckpt)!r} is already at step {start} > steps={steps}; "
-                "pass a larger steps or resume=False"
-            )
-        model.load_state_dict(groups["model"])
-        if ema is not None:
-            ema = {k: v.to(device) for k, v in groups["ema"].items()}
-        _load_opt_state(opt, groups.get("opt", {}))
-        gen.set_state(groups["rng"]["train"])
-        report.losses = [tuple(x) for x in old.get("losses", [])]
-        window = [float(v) for v in old.get("loss_window", [])]
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        frac = (step - warmup) / max(1, steps - warmup)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-    def write(step: int) -> None:
-        if ckpt is None:
-            return
-        # The generator state (uint8) travels in the same file as the weights, so a resumed
-        # run draws exactly the batches, timesteps and noise an uninterrupted run would.
-        extra = {"opt": _opt_state_tensors(opt), "rng": {"train": gen.get_state()}}
-        if ema is not None:
-            extra["ema"] = ema
-        info = dict(
-            meta or {},
-            step=step,
-            total_steps=steps,
-            losses=report.losses,
-            loss_window=window,
-            identity=identity,
-        )
-        save_checkpoint(ckpt, model, info, **extra)
+    settings = {"batch_size": int(batch_size), "lr": float(lr), "warmup": int(warmup),
+                "ema_decay": float(ema_decay), "seed": int(seed)}  # fmt: skip
+    identity = None if ckpt is None else _train_identity(model, images, ac, settings)
+    start = st.resume(ckpt, steps, identity) if ckpt is not None and resume and ckpt.exists() else 0
 
     model.train()
     t0 = time.perf_counter()
@@ -237,38 +208,33 @@ def train_diffusion(
         range(start, steps), disable=not progress, desc="train ε-model", initial=start, total=steps
     )
     for step in bar:
-        idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
+        idx = torch.randint(0, images.shape[0], (batch_size,), generator=st.gen)
         x0 = images[idx.to(device)]
-        t = torch.randint(0, T, (batch_size,), generator=gen).to(device)
-        eps = torch.randn(x0.shape, generator=gen).to(device)
-        xt = forward_noise(x0, eps, t, ac)
-        loss = (model(xt, t) - eps).pow(2).mean()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        opt.zero_grad(set_to_none=True)
+        t = torch.randint(0, ac.shape[0], (batch_size,), generator=st.gen).to(device)
+        eps = torch.randn(x0.shape, generator=st.gen).to(device)
+        loss = (model(forward_noise(x0, eps, t, ac), t) - eps).pow(2).mean()
+        for g in st.opt.param_groups:
+            g["lr"] = warmup_cosine_lr(step, lr, warmup, steps)
+        st.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        if ema is not None:
-            with torch.no_grad():
-                for k, v in model.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        ema[k].lerp_(v, 1 - ema_decay)
-                    else:
-                        ema[k].copy_(v)
-        window.append(loss.item())
-        if len(window) == log_every or step == steps - 1:
-            report.losses.append((step + 1, sum(window) / len(window)))
-            bar.set_postfix(loss=f"{report.losses[-1][1]:.4f}")
-            window = []
-        if (step + 1) % checkpoint_every == 0:
-            write(step + 1)
+        st.opt.step()
+        if st.ema is not None:
+            _ema_update(st.ema, model, ema_decay)
+        st.window.append(loss.item())
+        if len(st.window) == log_every or step == steps - 1:
+            st.report.losses.append((step + 1, sum(st.window) / len(st.window)))
+            bar.set_postfix(loss=f"{st.report.losses[-1][1]:.4f}")
+            st.window = []
+        if ckpt is not None and (step + 1) % checkpoint_every == 0:
+            st.save(ckpt, step + 1, steps, identity, meta)
     bar.close()
+    report = st.report
     report.steps = steps
     report.seconds = time.perf_counter() - t0
     report.images_per_second = (steps - start) * batch_size / max(report.seconds, 1e-9)
-    if start < steps or ckpt is None or not ckpt.exists():
-        write(steps)
-    if ema is not None:
-        model.load_state_dict(ema)
+    if ckpt is not None and (start < steps or not ckpt.exists()):
+        st.save(ckpt, steps, steps, identity, meta)
+    if st.ema is not None:
+        model.load_state_dict(st.ema)
     model.eval()
     return model, report

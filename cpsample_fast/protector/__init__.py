@@ -2,6 +2,7 @@
 labels."""
 
 from .checkpoint import load_protector, save_protector
+from .config import ProtectorTrainConfig
 from .labels import VerifyResult, dataset_fingerprint, draw_labels, verify_protector
 from .model import ProtectorNet
 from .report import ProtectorReport, evaluate_protector
@@ -10,6 +11,7 @@ from .train import train_protector
 __all__ = [
     "ProtectorNet",
     "ProtectorReport",
+    "ProtectorTrainConfig",
     "VerifyResult",
     "dataset_fingerprint",
     "draw_labels",

@@ -1,4 +1,6 @@
-"""Protector checkpoints: ``save_protector`` / ``load_protector`` (safetensors + JSON sidecar).
+"""Protector checkpoints: ``save_protector`` / ``load_protector`` (safetensors + JSON sidecar),
+and the resumable training state of ``train_protector`` (``save_train_state`` /
+``load_train_state``).
 
 The sidecar ties the weights to the labels, the training-set fingerprint and the settings
 (docs/ALGORITHM.md §2); every file is written atomically and pickle is refused.
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from ..io import (
     save_safetensors_atomic,
     write_json_atomic,
 )
+from ..resume import check_identity, load_optimizer_state, optimizer_state
 from .model import ProtectorNet
 from .report import ProtectorReport
 
@@ -168,3 +172,100 @@ def load_protector(
     state = load_safetensors(weights, device="cpu")
     protector.load_state_dict(state, strict=True)
     return protector.to(device).eval(), meta
+
+
+# ----------------------------------------------------------------- resumable training state
+# ``train_protector(checkpoint_dir=...)`` keeps one ``train_state-NNNNNNNNN.safetensors``
+# (weights ``model.*``, optimiser ``optim.*``, generator ``rng.train``) and a JSON pointer
+# ``train_state.json`` naming it, with the run's identity and progress; the pointer is written
+# last, so it always names a complete file.
+
+TRAIN_STATE_FORMAT = "cpsample_fast.protector-train-state/1"
+_STATE_JSON = "train_state.json"
+# The only file names a train_state.json pointer may name (same folder, no path parts).
+_WEIGHTS_RE = re.compile(r"train_state-\d{9}\.safetensors")
+
+
+def save_train_state(
+    ckpt_dir: Path,
+    step: int,
+    protector: nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    identity: dict,
+    progress: dict,
+) -> None:
+    """Weights + optimiser + RNG at ``step``; the JSON pointer is written last (the commit)."""
+    opt_tensors, opt_rest = optimizer_state(opt)
+    tensors = {f"model.{k}": v for k, v in protector.state_dict().items()}
+    tensors.update({f"optim.{k}": v for k, v in opt_tensors.items()})
+    tensors["rng.train"] = gen.get_state()
+    name = f"train_state-{step:09d}.safetensors"
+    save_safetensors_atomic(ckpt_dir / name, tensors)
+    write_json_atomic(
+        ckpt_dir / _STATE_JSON,
+        {
+            "format": TRAIN_STATE_FORMAT,
+            "step": step,
+            "weights": name,
+            "identity": identity,
+            "optimizer": opt_rest,
+            "progress": progress,
+        },
+    )
+    # Older states are found by listing the folder, never by reading a path from the pointer
+    # (a tampered pointer must not be able to delete anything, least of all outside it).
+    for p in ckpt_dir.iterdir():
+        if p.name != name and _WEIGHTS_RE.fullmatch(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+
+
+def load_train_state(
+    ckpt_dir: Path,
+    identity: dict,
+    protector: nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+) -> dict | None:
+    """Restore the latest state in ``ckpt_dir`` into ``protector``, ``opt`` and ``gen``.
+
+    Returns:
+        The pointer (``step``, ``progress``, ...), or ``None`` when there is no state.
+
+    Raises:
+        ValueError: a state of a different run (naming the differing settings), a pointer that
+            names anything but a weights file in its own folder, an unreadable weights file.
+    """
+    pointer = ckpt_dir / _STATE_JSON
+    if not pointer.is_file():
+        return None
+    state = read_json(pointer)
+    if state.get("format") != TRAIN_STATE_FORMAT:
+        raise ValueError(f"{str(pointer)!r} is not a protector training state")
+    check_identity(
+        state["identity"],
+        identity,
+        where=f"checkpoint_dir {str(ckpt_dir)!r}",
+        retry="checkpoint_dir",
+    )
+    name = state.get("weights")
+    if not isinstance(name, str) or not _WEIGHTS_RE.fullmatch(name):
+        raise ValueError(
+            f"{str(pointer)!r} names weights {name!r}, not a train_state-NNNNNNNNN.safetensors "
+            "file in its own folder; refusing (the pointer was modified)"
+        )
+    try:
+        tensors = load_safetensors(ckpt_dir / name)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(
+            f"training state {str(ckpt_dir / name)!r} is unreadable ({exc}); pass resume=False "
+            "to start over"
+        ) from None
+    device = next(iter(protector.parameters()), torch.empty(0)).device
+    protector.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    optim = {k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("optim.")}
+    load_optimizer_state(opt, optim, state["optimizer"])
+    gen.set_state(tensors["rng.train"])
+    return state

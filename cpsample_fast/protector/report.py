@@ -228,3 +228,47 @@ class ProtectorReport:
         with atomic_path(dest) as tmp:
             fig.savefig(tmp, format="png")
         return dest
+
+
+def final_report(
+    protector: nn.Module,
+    members: torch.Tensor,  # [N, C, H, W]
+    labels: torch.Tensor,  # [N] int64
+    holdout: torch.Tensor | None,  # [M, C, H, W]
+    alphas_cumprod: torch.Tensor,  # [T]
+    *,
+    fingerprint: dict[str, Any],
+    label_seed: int,
+    seed: int,
+    training: dict[str, Any],
+    bins: int,
+    max_images: int,
+) -> ProtectorReport:
+    """The report after training: member (and hold-out) accuracy and confidence per noise bin.
+
+    The first ``max_images`` members and hold-out images are scored once per bin; their noise
+    comes from ``seed + 2`` and ``seed + 3`` (the early-stop check of training uses
+    ``seed + 1``), so the report reproduces exactly.
+    """
+    T = int(alphas_cumprod.shape[0])
+    edges = timestep_bins(0, T, bins)
+    k = max_images
+    member = evaluate_protector(
+        protector, members[:k], labels[:k], alphas_cumprod, edges, seed=(seed + 2) % 2**64
+    )
+    hold = (
+        None
+        if holdout is None
+        else evaluate_protector(
+            protector, holdout[:k], None, alphas_cumprod, edges, seed=(seed + 3) % 2**64
+        )
+    )
+    return ProtectorReport(
+        labels=labels,
+        fingerprint=fingerprint,
+        label_seed=label_seed,
+        t_edges=edges,
+        member=member,
+        holdout=hold,
+        training=training,
+    )

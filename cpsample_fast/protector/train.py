@@ -17,12 +17,12 @@ resumes under another. Only rank 0 writes checkpoints. The maths is docs/ALGORIT
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
-import os
-import re
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,34 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import as_image_tensor, check_images
-from ..io import (
-    ensure_writable_dir,
-    load_safetensors,
-    read_json,
-    save_safetensors_atomic,
-    write_json_atomic,
-)
-from ..validation import check_int, check_seed
+from ..io import ensure_writable_dir
+from ..resume import check_resume_step
+from .checkpoint import TRAIN_STATE_FORMAT, load_train_state, save_train_state
+from .config import ProtectorTrainConfig, timestep_sampler
 from .labels import dataset_fingerprint, draw_labels
 from .model import ProtectorNet
-from .report import ProtectorReport, evaluate_protector, noised, timestep_bins
+from .report import ProtectorReport, evaluate_protector, final_report, noised
 
-TRAIN_STATE_FORMAT = "cpsample_fast.protector-train-state/1"
-_STATE_JSON = "train_state.json"
-# The only file names a train_state.json pointer may name (same folder, no path parts).
-_WEIGHTS_RE = re.compile(r"train_state-\d{9}\.safetensors")
-
-
-def _check_finite(name: str, value: Any, lo: float, *, strict: bool = False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or (v <= lo if strict else v < lo):
-        raise ValueError(
-            f"{name} must be a finite number {'>' if strict else '>='} {lo:g}, got {v}"
-        )
-    return v
+__all__ = ["TRAIN_STATE_FORMAT", "ProtectorTrainConfig", "train_protector"]
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -69,40 +50,6 @@ def _dist_rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _timestep_sampler(
-    T: int, t_range: tuple[int, int] | None, t_weights: torch.Tensor | None
-) -> Callable[[int, torch.Generator], torch.Tensor]:
-    """A function ``(n, gen) -> int64 [n]`` drawing training timesteps."""
-    if t_weights is not None:
-        w = torch.as_tensor(t_weights, dtype=torch.float64).reshape(-1)
-        if w.numel() != T or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-            raise ValueError(
-                f"t_weights must be {T} finite non-negative weights (one per timestep)"
-            )
-        if t_range is not None:
-            lo, hi = t_range
-            w = w.clone()
-            w[:lo] = 0
-            w[hi:] = 0
-        if float(w.sum()) <= 0:
-            raise ValueError("t_weights must put positive weight on some timestep in t_range")
-        return lambda n, gen: torch.multinomial(w, n, replacement=True, generator=gen)
-    lo, hi = t_range if t_range is not None else (0, T)
-    return lambda n, gen: torch.randint(lo, hi, (n,), generator=gen)
-
-
-def _check_t_range(t_range: Any, T: int) -> tuple[int, int] | None:
-    if t_range is None:
-        return None
-    try:
-        lo, hi = (int(v) for v in t_range)
-    except (TypeError, ValueError):
-        raise ValueError(f"t_range must be a pair (lo, hi) of ints, got {t_range!r}") from None
-    if not 0 <= lo < hi <= T:
-        raise ValueError(f"t_range must satisfy 0 <= lo < hi <= {T} (half-open), got {t_range!r}")
-    return lo, hi
 
 
 def _build_protector(
@@ -148,100 +95,6 @@ def _probe(protector: nn.Module, images: torch.Tensor, device: torch.device) -> 
         raise ValueError(f"protector(x, t) must return logits of shape [B], got {shape}")
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimiser state dict into safetensors tensors and JSON-able rest."""
-    sd = opt.state_dict()
-    tensors, plain = {}, {}
-    for pid, st in sd["state"].items():
-        for key, value in st.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim.{pid}.{key}"] = value
-            else:
-                plain[f"{pid}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "plain": plain}
-
-
-def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, rest: dict) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, pid, key = name.split(".", 2)
-            state.setdefault(int(pid), {})[key] = value
-    for name, value in rest["plain"].items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
-
-
-def _save_train_state(
-    ckpt_dir: Path,
-    step: int,
-    protector: nn.Module,
-    opt: torch.optim.Optimizer,
-    gen: torch.Generator,
-    identity: dict,
-    progress_state: dict,
-) -> None:
-    """Weights + optimiser + RNG at ``step``; the JSON pointer is written last (the commit)."""
-    opt_tensors, opt_rest = _optimizer_tensors(opt)
-    tensors = {f"model.{k}": v for k, v in protector.state_dict().items()}
-    tensors.update(opt_tensors)
-    tensors["rng.train"] = gen.get_state()
-    name = f"train_state-{step:09d}.safetensors"
-    save_safetensors_atomic(ckpt_dir / name, tensors)
-    write_json_atomic(
-        ckpt_dir / _STATE_JSON,
-        {
-            "format": TRAIN_STATE_FORMAT,
-            "step": step,
-            "weights": name,
-            "identity": identity,
-            "optimizer": opt_rest,
-            "progress": progress_state,
-        },
-    )
-    # Older states are found by listing the folder, never by reading a path from the pointer
-    # (a tampered pointer must not be able to delete anything, least of all outside it).
-    for p in ckpt_dir.iterdir():
-        if p.name != name and _WEIGHTS_RE.fullmatch(p.name) and p.is_file():
-            p.unlink(missing_ok=True)
-
-
-def _load_train_state(ckpt_dir: Path, identity: dict) -> tuple[dict, dict] | None:
-    """The latest state in ``ckpt_dir`` (or ``None``); refuses one from a different run."""
-    pointer = ckpt_dir / _STATE_JSON
-    if not pointer.is_file():
-        return None
-    state = read_json(pointer)
-    if state.get("format") != TRAIN_STATE_FORMAT:
-        raise ValueError(f"{str(pointer)!r} is not a protector training state")
-    if state["identity"] != identity:
-        diff = sorted(
-            k
-            for k in set(identity) | set(state["identity"])
-            if identity.get(k) != state["identity"].get(k)
-        )
-        raise ValueError(
-            f"checkpoint_dir {str(ckpt_dir)!r} holds a training run with different settings "
-            f"({', '.join(diff)}); pass resume=False to start over or use another checkpoint_dir"
-        )
-    name = state.get("weights")
-    if not isinstance(name, str) or not _WEIGHTS_RE.fullmatch(name):
-        raise ValueError(
-            f"{str(pointer)!r} names weights {name!r}, not a train_state-NNNNNNNNN.safetensors "
-            "file in its own folder; refusing (the pointer was modified)"
-        )
-    try:
-        return state, load_safetensors(ckpt_dir / name)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise ValueError(
-            f"training state {str(ckpt_dir / name)!r} is unreadable ({exc}); pass resume=False "
-            "to start over"
-        ) from None
-
-
 def _as_latents(latents, name: str) -> torch.Tensor:
     """Latents ``[N, C, H, W]`` as float32: finite, any range (``train_protector(latent=True)``)."""
     if isinstance(latents, np.ndarray):
@@ -249,29 +102,234 @@ def _as_latents(latents, name: str) -> torch.Tensor:
     return check_images(latents, name, value_range=None)
 
 
-def _final_report(
-    net: nn.Module, x, labels, h, ac, fingerprint, label_seed: int, seed: int, training: dict,
-    *, bins: int, max_images: int,
-) -> ProtectorReport:  # fmt: skip
-    """Evaluation after training: member (and hold-out) accuracy and confidence per noise bin."""
-    T = int(ac.shape[0])
-    edges = timestep_bins(0, T, bins)
-    k = max_images
-    member = evaluate_protector(net, x[:k], labels[:k], ac, edges, seed=(seed + 2) % 2**64)
-    hold = (
-        None
-        if h is None
-        else evaluate_protector(net, h[:k], None, ac, edges, seed=(seed + 3) % 2**64)
-    )
-    return ProtectorReport(
-        labels=labels,
-        fingerprint=fingerprint,
-        label_seed=label_seed,
-        t_edges=edges,
-        member=member,
-        holdout=hold,
-        training=training,
-    )
+@dataclass
+class _Data:
+    """The checked training inputs (CPU): members, their labels and fingerprint, hold-out, ᾱ."""
+
+    x: torch.Tensor  # [N, C, H, W] float32
+    labels: torch.Tensor  # [N] int64
+    fingerprint: dict[str, Any]
+    holdout: torch.Tensor | None  # [M, C, H, W] float32
+    ac: torch.Tensor  # [T] float32
+
+
+def _load_data(images, holdout, schedule, cfg: ProtectorTrainConfig) -> _Data:
+    as_batch = _as_latents if cfg.latent else as_image_tensor
+    x = as_batch(images, "images")
+    h = None if holdout is None else as_batch(holdout, "holdout")
+    if h is not None and h.shape[1:] != x.shape[1:]:
+        raise ValueError(
+            f"holdout images have shape {tuple(h.shape[1:])}, members {tuple(x.shape[1:])}"
+        )
+    if not hasattr(schedule, "alphas_cumprod"):
+        raise TypeError("schedule must be a NoiseSchedule (with .alphas_cumprod)")
+    ac = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32).cpu()  # [T]
+    labels = draw_labels(x.shape[0], cfg.label_seed)  # [N] int64
+    return _Data(x, labels, dataset_fingerprint(x), h, ac)
+
+
+def _identity(data: _Data, cfg: ProtectorTrainConfig, net: nn.Module) -> dict[str, Any]:
+    """Every setting a resumed run must share with the stored one (all but ``steps``)."""
+    identity = {
+        "fingerprint": data.fingerprint,
+        "holdout_fingerprint": None if data.holdout is None else dataset_fingerprint(data.holdout),
+        "label_seed": cfg.label_seed,
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+        "holdout_batch_size": cfg.holdout_batch_size,
+        "holdout_weight": cfg.holdout_weight,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "t_range": list(cfg.t_range) if cfg.t_range else None,
+        "t_weights_sha256": None
+        if cfg.t_weights is None
+        else hashlib.sha256(
+            torch.as_tensor(cfg.t_weights, dtype=torch.float64).numpy().tobytes()
+        ).hexdigest(),
+        "architecture": getattr(net, "config", None) or type(net).__qualname__,
+        "schedule_sha256": hashlib.sha256(data.ac.numpy().tobytes()).hexdigest(),
+    }
+    if cfg.latent:  # only then, so existing checkpoints keep their identity
+        identity["latent"] = True
+    return identity
+
+
+@dataclass
+class _Progress:
+    """Where the loop stands; all but ``step`` is stored in the training state's pointer."""
+
+    step: int = 0
+    running_accuracy: float = 0.5
+    loss: float = math.nan
+    stopped_early: bool = False
+    target_accuracy_measured: float | None = None
+
+    def state(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "step"}
+
+
+class _Batches:
+    """Draws each step's global batch from ``gen`` (identically on every rank, and as one process
+    would) and keeps this rank's rows of it, noised (docs/ALGORITHM.md §2)."""
+
+    def __init__(self, data: _Data, cfg: ProtectorTrainConfig, rank: int, world: int) -> None:
+        device = cfg.device
+        self.cfg, self.world, self.device = cfg, world, device
+        self.sample_t = timestep_sampler(int(data.ac.shape[0]), cfg.t_range, cfg.t_weights)
+        self.x = data.x.to(device)
+        self.h = None if data.holdout is None else data.holdout.to(device)
+        self.ac = data.ac.to(device)
+        self.y = data.labels.to(device).float()
+        self.rows = torch.tensor_split(torch.arange(cfg.batch_size), world)[rank]
+        self.hrows = (
+            None
+            if self.h is None
+            else torch.tensor_split(torch.arange(cfg.holdout_batch_size), world)[rank]
+        )
+
+    def _draw(self, images, n: int, rows, gen: torch.Generator):
+        idx = torch.randint(0, images.shape[0], (n,), generator=gen)
+        t = self.sample_t(n, gen)
+        eps = torch.randn((n, *images.shape[1:]), generator=gen)
+        if self.world > 1:
+            idx, t, eps = idx[rows], t[rows], eps[rows]
+        d = self.device
+        return idx, t, noised(images[idx.to(d)], t.to(d), eps.to(d), self.ac)
+
+    def draw(self, gen: torch.Generator):
+        """``(x_t, t, y)``: this rank's member rows, then its hold-out rows (``y``: members')."""
+        idx, t, xs = self._draw(self.x, self.cfg.batch_size, self.rows, gen)
+        if self.h is not None:
+            _, ht, xh = self._draw(self.h, self.cfg.holdout_batch_size, self.hrows, gen)
+            xs, t = torch.cat([xs, xh]), torch.cat([t, ht])
+        return xs, t.to(self.device), self.y[idx.to(self.device)]
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, cfg: ProtectorTrainConfig) -> torch.Tensor:
+    """This rank's part of the global-batch loss: BCE of the member rows against ``y`` plus
+    ``holdout_weight`` × BCE of the hold-out rows against 1/2.
+
+    Sums over this rank's rows divided by the global batch sizes: the ranks' parts add up to
+    the single-process loss (mean over members + weight · mean over hold-out).
+    """
+    mb = y.shape[0]
+    loss = F.binary_cross_entropy_with_logits(logits[:mb], y, reduction="sum") / cfg.batch_size
+    if cfg.holdout_batch_size is not None:  # set exactly when there is a hold-out set
+        # Soft target 1/2: minimised at logit 0, i.e. no opinion about non-members.
+        half = torch.full_like(logits[mb:], 0.5)
+        hold = F.binary_cross_entropy_with_logits(logits[mb:], half, reduction="sum")
+        loss = loss + cfg.holdout_weight * hold / cfg.holdout_batch_size
+    return loss
+
+
+def _all_reduce_sum(parts: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(parts)
+    return parts
+
+
+def _fit(
+    net: nn.Module,
+    data: _Data,
+    cfg: ProtectorTrainConfig,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    prog: _Progress,
+    save: Callable[[_Progress], None] | None,
+    callback: Callable[[int, dict[str, float]], None] | None,
+) -> _Progress:
+    """The training loop from ``prog.step`` to ``cfg.steps`` (or the early stop)."""
+    from tqdm.auto import tqdm
+
+    rank, world = _dist_rank_world()
+    model = net
+    if world > 1:  # every rank draws the global batch and trains on its slice of it
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [cfg.device.index] if cfg.device.type == "cuda" else None
+        model = DistributedDataParallel(net, device_ids=ids)
+    batches = _Batches(data, cfg, rank, world)
+    k = cfg.report_max_images
+    eval_x, eval_y = data.x[:k], data.labels[:k]
+    bar = tqdm(total=cfg.steps, initial=prog.step, disable=not cfg.progress or rank != 0,
+               desc="protector", leave=False)  # fmt: skip
+    net.train()
+    while prog.step < cfg.steps and not prog.stopped_early:
+        xs, ts, y = batches.draw(gen)
+        with torch.autocast(cfg.device.type, dtype=torch.bfloat16, enabled=cfg.use_autocast):
+            logits = model(xs, ts)
+        logits = logits.float()  # [b (+ hb)] this rank's rows
+        loss = _loss(logits, y, cfg)
+        opt.zero_grad(set_to_none=True)
+        # DDP averages gradients over ranks; scaling by the world size makes that the sum
+        (loss * world if world > 1 else loss).backward()
+        opt.step()
+        prog.step += 1
+
+        correct = ((logits[: y.shape[0]].detach() > 0).float() == y).float().sum()
+        parts = _all_reduce_sum(torch.stack([loss.detach().double(), correct.double()]), world)
+        prog.loss = float(parts[0])
+        batch_accuracy = float(parts[1]) / cfg.batch_size
+        prog.running_accuracy = 0.95 * prog.running_accuracy + 0.05 * batch_accuracy
+        if not math.isfinite(prog.loss):
+            raise ValueError(f"training diverged at step {prog.step} (loss {prog.loss}); lower lr")
+        if cfg.target_accuracy is not None and (
+            prog.step % cfg.eval_every == 0 or prog.step == cfg.steps
+        ):
+            prog.target_accuracy_measured = evaluate_protector(
+                net, eval_x, eval_y, data.ac, list(cfg.target_t_range), seed=(cfg.seed + 1) % 2**64
+            )["accuracy"][0]
+            net.train()
+            prog.stopped_early = (
+                prog.target_accuracy_measured >= cfg.target_accuracy and prog.step < cfg.steps
+            )
+        bar.set_postfix(loss=f"{prog.loss:.4f}", acc=f"{prog.running_accuracy:.3f}")
+        bar.update(1)
+        if (
+            save is not None
+            and rank == 0
+            and (
+                prog.step % cfg.checkpoint_every == 0
+                or prog.step == cfg.steps
+                or prog.stopped_early
+            )
+        ):
+            save(prog)
+        if callback is not None:
+            metrics = {"loss": prog.loss, "running_accuracy": prog.running_accuracy}
+            if prog.target_accuracy_measured is not None:
+                metrics["target_accuracy_measured"] = prog.target_accuracy_measured
+            callback(prog.step, metrics)
+    bar.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0's last checkpoint is on disk before any rank returns
+    net.eval()
+    return prog
+
+
+def _resume(
+    ckpt_dir: Path | None,
+    cfg: ProtectorTrainConfig,
+    identity: dict,
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+) -> _Progress:
+    """The stored progress (weights, optimiser and generator restored), or a fresh start."""
+    if ckpt_dir is None or not cfg.resume:
+        return _Progress()
+    state = load_train_state(ckpt_dir, identity, net, opt, gen)
+    if state is None:
+        return _Progress()
+    step = check_resume_step(
+        int(state["step"]), cfg.steps, where=f"checkpoint_dir {str(ckpt_dir)!r}",
+        retry="checkpoint_dir", start_over="resume=False (--no-resume)",
+    )  # fmt: skip
+    return _Progress(step=step, **state["progress"])
 
 
 def train_protector(
@@ -280,298 +338,69 @@ def train_protector(
     schedule,
     protector: nn.Module | Mapping[str, Any] | None = None,
     holdout=None,
-    label_seed: int = 0,
-    steps: int,
-    batch_size: int = 64,
-    holdout_batch_size: int | None = None,
-    holdout_weight: float = 1.0,
-    lr: float = 2e-3,
-    weight_decay: float = 0.0,
-    t_range: tuple[int, int] | None = None,
-    t_weights: torch.Tensor | None = None,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    autocast: bool | None = None,
-    target_accuracy: float | None = None,
-    target_t_range: tuple[int, int] | None = None,
-    eval_every: int = 50,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool = True,
-    progress: bool = True,
-    report_bins: int = 10,
-    report_max_images: int = 4096,
+    config: ProtectorTrainConfig | None = None,
     callback: Callable[[int, dict[str, float]], None] | None = None,
-    latent: bool = False,
+    **settings: Any,
 ) -> tuple[nn.Module, ProtectorReport]:
     """Train a protector to memorise random labels of ``images`` under noise (docs/ALGORITHM.md §2).
 
     Args:
-        images: Members, float ``[N, C, H, W]`` in [-1, 1], or a Dataset of ``[C, H, W]``
-            tensors (stacked into memory).
+        images: Members, float ``[N, C, H, W]`` in [-1, 1] (any finite range with
+            ``latent=True``), or a Dataset of ``[C, H, W]`` tensors (stacked into memory).
         schedule: Training noise schedule (``.alphas_cumprod [T]``, ``.num_train_timesteps``).
         protector: An ``nn.Module(x, t) -> [B]``, a ``ProtectorNet`` config override
             (e.g. ``{"base_channels": 16}``), or ``None`` for a default ``ProtectorNet``.
         holdout: Optional non-members like ``images``, trained toward the soft target 1/2.
-        label_seed: Seed of the labels ``y_i ~ Bernoulli(1/2)``.
-        steps: Optimiser steps (total, counting steps done before a resume).
-        batch_size: Members per step (drawn with replacement).
-        holdout_batch_size: Hold-out images per step (default ``batch_size // 2``).
-        holdout_weight: Weight of the hold-out loss term.
-        lr: AdamW learning rate (constant).
-        weight_decay: AdamW weight decay (0: the protector is meant to overfit).
-        t_range: Train on ``t ∈ [lo, hi)`` only.
-        t_weights: ``[T]`` non-negative sampling weights over timesteps.
-        seed: Seed of batches, timesteps, noise and the default network's initialisation.
-        device: Where to train.
-        autocast: bf16 autocast (default: on for CUDA, off elsewhere).
-        target_accuracy: Stop once member accuracy on ``target_t_range`` reaches this (checked
-            every ``eval_every`` steps on all members with fixed noise).
-        target_t_range: Timesteps of that check (default: the least-noisy quarter).
-        eval_every: Steps between those checks.
-        checkpoint_dir: Folder for resumable training state (weights, optimiser, RNG).
-        checkpoint_every: Steps between checkpoints (default ``max(steps // 10, 1)``).
-        resume: Continue from the state in ``checkpoint_dir`` when there is one (every
-            setting but ``steps`` must match; a larger ``steps`` continues a finished run).
-        progress: Show a tqdm bar with loss and running member accuracy.
-        report_bins: Timestep bins of the report.
-        report_max_images: The report (and the early-stop check) scores the first this many
-            members and hold-out images once per bin.
+        config: A :class:`ProtectorTrainConfig`; ``settings`` override its fields.
         callback: Called as ``callback(step, metrics)`` after every step (after checkpointing).
-        latent: ``images``/``holdout`` are latents (e.g. a VAE's ``latent_dist`` × scaling
-            factor, see ``cpsample_fast.diffusers.encode_latents``): finite floats of any range,
-            not pixels in [-1, 1]. Recorded in the settings.
+        **settings: The fields of :class:`ProtectorTrainConfig` by name (``steps`` is required
+            without ``config``): ``steps``, ``batch_size``, ``lr``, ``label_seed``, ``seed``,
+            ``t_range``, ``checkpoint_dir``, ``target_accuracy``, ``latent``, ...
 
     Returns:
         ``(protector, report)``: the trained module (eval mode) and a :class:`ProtectorReport`
         carrying ``labels`` and ``fingerprint``.
     """
-    from tqdm.auto import tqdm
-
-    as_batch = _as_latents if latent else as_image_tensor
-    x = as_batch(images, "images")
-    h = None if holdout is None else as_batch(holdout, "holdout")
-    if h is not None and h.shape[1:] != x.shape[1:]:
-        raise ValueError(
-            f"holdout images have shape {tuple(h.shape[1:])}, members {tuple(x.shape[1:])}"
-        )
-    steps = check_int("steps", steps)
-    batch_size = check_int("batch_size", batch_size)
-    eval_every = check_int("eval_every", eval_every)
-    report_max_images = check_int("report_max_images", report_max_images)
-    hb = batch_size // 2 if holdout_batch_size is None else holdout_batch_size
-    hb = check_int("holdout_batch_size", max(hb, 1) if h is not None else 1)
-    every = max(steps // 10, 1) if checkpoint_every is None else checkpoint_every
-    every = check_int("checkpoint_every", every)
-    lr = _check_finite("lr", lr, 0.0, strict=True)
-    holdout_weight = _check_finite("holdout_weight", holdout_weight, 0.0)
-    weight_decay = _check_finite("weight_decay", weight_decay, 0.0)
-    report_bins = check_int("report_bins", report_bins)
-    seed = check_seed("seed", seed)
-    label_seed = check_seed("label_seed", label_seed)
+    cfg = ProtectorTrainConfig.from_kwargs(config, **settings)
+    data = _load_data(images, holdout, schedule, cfg)
     rank, world = _dist_rank_world()
-    if batch_size < world:
-        raise ValueError(
-            f"batch_size ({batch_size}) must be >= the number of processes ({world}): every "
-            "rank trains on a slice of each global batch"
-        )
-    if target_accuracy is not None and not 0.0 < float(target_accuracy) <= 1.0:
-        raise ValueError(f"target_accuracy must be in (0, 1], got {target_accuracy!r}")
-    if not hasattr(schedule, "alphas_cumprod"):
-        raise TypeError("schedule must be a NoiseSchedule (with .alphas_cumprod)")
-    ac = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32).cpu()  # [T]
-    T = int(ac.shape[0])
-    t_range = _check_t_range(t_range, T)
-    target_t_range = _check_t_range(target_t_range, T) or (0, max(T // 4, 1))
-    sample_t = _timestep_sampler(T, t_range, t_weights)
-    device = torch.device(device)
-    use_amp = device.type == "cuda" if autocast is None else bool(autocast)
+    cfg = cfg.resolve(int(data.ac.shape[0]), has_holdout=data.holdout is not None, world=world)
     ckpt_dir = (
-        None if checkpoint_dir is None else ensure_writable_dir(checkpoint_dir, "checkpoint_dir")
+        None
+        if cfg.checkpoint_dir is None
+        else ensure_writable_dir(cfg.checkpoint_dir, "checkpoint_dir")
     )
+    net = _build_protector(protector, data.x, cfg.seed).to(cfg.device)
+    _probe(net, data.x, cfg.device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    identity = _identity(data, cfg, net)
+    prog = _resume(ckpt_dir, cfg, identity, net, opt, gen)
 
-    n = x.shape[0]
-    labels = draw_labels(n, label_seed)  # [N] int64
-    fingerprint = dataset_fingerprint(x)
-    net = _build_protector(protector, x, seed).to(device)
-    _probe(net, x, device)
-    opt = torch.optim.AdamW(net.parameters(), lr=float(lr), weight_decay=float(weight_decay))
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    schedule_config = schedule.to_config() if hasattr(schedule, "to_config") else None
-    identity = {
-        "fingerprint": fingerprint,
-        "holdout_fingerprint": None if h is None else dataset_fingerprint(h),
-        "label_seed": label_seed,
-        "seed": seed,
-        "batch_size": batch_size,
-        "holdout_batch_size": hb if h is not None else None,
-        "holdout_weight": float(holdout_weight),
-        "lr": float(lr),
-        "weight_decay": float(weight_decay),
-        "t_range": list(t_range) if t_range else None,
-        "t_weights_sha256": None
-        if t_weights is None
-        else hashlib.sha256(
-            torch.as_tensor(t_weights, dtype=torch.float64).numpy().tobytes()
-        ).hexdigest(),
-        "architecture": getattr(net, "config", None) or type(net).__qualname__,
-        "schedule_sha256": hashlib.sha256(ac.numpy().tobytes()).hexdigest(),
-    }
-    if latent:  # only then, so existing checkpoints keep their identity
-        identity["latent"] = True
-    step, running_acc, loss_value, stopped_early, last_eval = 0, 0.5, float("nan"), False, None
-    if ckpt_dir is not None and resume:
-        loaded = _load_train_state(ckpt_dir, identity)
-        if loaded is not None:
-            state, tensors = loaded
-            net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-            _restore_optimizer(
-                opt, {k: v.to(device) for k, v in tensors.items()}, state["optimizer"]
-            )
-            gen.set_state(tensors["rng.train"])
-            step = int(state["step"])
-            if step > steps:
-                raise ValueError(
-                    f"checkpoint_dir {str(ckpt_dir)!r} holds this run at step {step}, past "
-                    f"steps={steps}; pass steps >= {step} to continue it, resume=False "
-                    "(--no-resume) to start over, or another checkpoint_dir"
-                )
-            p = state["progress"]
-            running_acc, loss_value = p["running_accuracy"], p["loss"]
-            stopped_early, last_eval = p["stopped_early"], p["target_accuracy_measured"]
-
-    # DDP: every rank draws the global batch below and trains on its slice of it
-    model: nn.Module = net
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    my_rows = torch.tensor_split(torch.arange(batch_size), world)[rank]
-    my_hrows = torch.tensor_split(torch.arange(hb), world)[rank] if h is not None else None
-
-    x_dev = x.to(device)
-    h_dev = None if h is None else h.to(device)
-    ac_dev = ac.to(device)
-    y_dev = labels.to(device).float()
-    eval_x, eval_y = x[:report_max_images], labels[:report_max_images]
-
-    def eval_target() -> float:
-        res = evaluate_protector(
-            net, eval_x, eval_y, ac, list(target_t_range), seed=(seed + 1) % 2**64
-        )
-        return res["accuracy"][0]
+    def save(p: _Progress) -> None:
+        save_train_state(ckpt_dir, p.step, net, opt, gen, identity, p.state())
 
     started = time.perf_counter()
-    bar = tqdm(
-        total=steps, initial=step, disable=not progress or rank != 0, desc="protector", leave=False
-    )
-    net.train()
-    while step < steps and not stopped_early:
-        # the global batch, drawn identically on every rank (and as by a single process)
-        idx = torch.randint(0, n, (batch_size,), generator=gen)
-        t = sample_t(batch_size, gen)
-        eps = torch.randn((batch_size, *x.shape[1:]), generator=gen)
-        if world > 1:
-            idx, t, eps = idx[my_rows], t[my_rows], eps[my_rows]
-        xs = noised(x_dev[idx.to(device)], t.to(device), eps.to(device), ac_dev)
-        ts = t
-        if h_dev is not None:
-            hidx = torch.randint(0, h_dev.shape[0], (hb,), generator=gen)
-            ht = sample_t(hb, gen)
-            heps = torch.randn((hb, *x.shape[1:]), generator=gen)
-            if world > 1:
-                hidx, ht, heps = hidx[my_hrows], ht[my_hrows], heps[my_hrows]
-            xh = noised(h_dev[hidx.to(device)], ht.to(device), heps.to(device), ac_dev)
-            xs, ts = torch.cat([xs, xh]), torch.cat([t, ht])
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = model(xs, ts.to(device))
-        logits = logits.float()  # [b (+ hb)] this rank's rows
-        mb = idx.shape[0]
-        y = y_dev[idx.to(device)]
-        # sums over this rank's rows, over the global batch sizes: the ranks' parts add up to
-        # the single-process loss (mean over members + weight · mean over hold-out)
-        loss = F.binary_cross_entropy_with_logits(logits[:mb], y, reduction="sum") / batch_size
-        if h_dev is not None:
-            # Soft target 1/2: minimised at logit 0, i.e. no opinion about non-members.
-            half = torch.full_like(logits[mb:], 0.5)
-            loss = (
-                loss
-                + holdout_weight
-                * F.binary_cross_entropy_with_logits(logits[mb:], half, reduction="sum")
-                / hb
-            )
-        opt.zero_grad(set_to_none=True)
-        # DDP averages gradients over ranks; scaling by the world size makes that the sum
-        (loss * world if world > 1 else loss).backward()
-        opt.step()
-        step += 1
-
-        correct = ((logits[:mb].detach() > 0).float() == y).float().sum()
-        parts = torch.stack([loss.detach().double(), correct.double()])
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(parts)
-        loss_value, batch_acc = float(parts[0]), float(parts[1]) / batch_size
-        running_acc = 0.95 * running_acc + 0.05 * batch_acc
-        if not math.isfinite(loss_value):
-            raise ValueError(f"training diverged at step {step} (loss {loss_value}); lower lr")
-        if target_accuracy is not None and (step % eval_every == 0 or step == steps):
-            last_eval = eval_target()
-            net.train()
-            stopped_early = last_eval >= float(target_accuracy) and step < steps
-        metrics = {"loss": loss_value, "running_accuracy": running_acc}
-        if last_eval is not None:
-            metrics["target_accuracy_measured"] = last_eval
-        bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{running_acc:.3f}")
-        bar.update(1)
-        save_now = step % every == 0 or step == steps or stopped_early
-        if ckpt_dir is not None and rank == 0 and save_now:
-            _save_train_state(
-                ckpt_dir,
-                step,
-                net,
-                opt,
-                gen,
-                identity,
-                {
-                    "running_accuracy": running_acc,
-                    "loss": loss_value,
-                    "stopped_early": stopped_early,
-                    "target_accuracy_measured": last_eval,
-                },
-            )
-        if callback is not None:
-            callback(step, metrics)
-    bar.close()
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()  # rank 0's last checkpoint is on disk before any rank returns
-    seconds = time.perf_counter() - started
-    net.eval()
-
+    prog = _fit(net, data, cfg, opt, gen, prog, None if ckpt_dir is None else save, callback)
     training = {
-        "steps": steps,
-        "steps_run": step,
-        "stopped_early": stopped_early,
-        "target_accuracy": target_accuracy,
-        "target_t_range": list(target_t_range),
-        "target_accuracy_measured": last_eval,
-        "final_loss": loss_value,
-        "running_accuracy": running_acc,
-        "seconds_this_session": seconds,
-        "device": str(device),
-        "autocast_bf16": use_amp,
-        "holdout_count": 0 if h is None else int(h.shape[0]),
-        "schedule": schedule_config,
+        "steps": cfg.steps,
+        "steps_run": prog.step,
+        "stopped_early": prog.stopped_early,
+        "target_accuracy": cfg.target_accuracy,
+        "target_t_range": list(cfg.target_t_range),
+        "target_accuracy_measured": prog.target_accuracy_measured,
+        "final_loss": prog.loss,
+        "running_accuracy": prog.running_accuracy,
+        "seconds_this_session": time.perf_counter() - started,
+        "device": str(cfg.device),
+        "autocast_bf16": cfg.use_autocast,
+        "holdout_count": 0 if data.holdout is None else int(data.holdout.shape[0]),
+        "schedule": schedule.to_config() if hasattr(schedule, "to_config") else None,
         "settings": identity,
     }
-    report = _final_report(
-        net, x, labels, h, ac, fingerprint, label_seed, seed, training,
-        bins=report_bins, max_images=report_max_images,
+    report = final_report(
+        net, data.x, data.labels, data.holdout, data.ac, fingerprint=data.fingerprint,
+        label_seed=cfg.label_seed, seed=cfg.seed, training=training, bins=cfg.report_bins,
+        max_images=cfg.report_max_images,
     )  # fmt: skip
     return net, report
