@@ -1,6 +1,6 @@
 """Whole sampling calls per provider (reference, fused, compiled, bf16, CUDA graphs, DDIM floor).
 
-The providers are ``cpsample_fast.bench.sampler_suite.PROVIDERS`` (the reference is the
+The providers are ``cpsample_fast.bench.providers.PROVIDERS`` (the reference is the
 package's ``reference_sample``); each round is one ``sample()`` call, synchronised on a GPU.
 Fused and compiled providers must also reproduce the eager reference in the same model dtype.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cpsample_fast.bench.providers import PROVIDERS
 from cpsample_fast.bench.records import Row
-from cpsample_fast.bench.sampler_suite import PROVIDERS
 from cpsample_fast.bench.timing import synchronize
 
 from .conftest import bench_device
@@ -49,7 +49,7 @@ def test_sample(benchmark, sampling_context, collector, provider):
     out = benchmark.pedantic(call, rounds=s.repeats, iterations=1, warmup_rounds=0)
     assert out.shape == ctx.shape and torch.isfinite(out).all()
     if spec.fused:  # fast is only worth timing when it is right: the eager reference, same dtype
-        diff, tol = ctx.check_against_reference(spec, out)
+        diff, tol = ctx.accuracy.check(spec, out)
         print(f"{provider}: max |out - reference| = {diff:.3g} (tolerance {tol:.3g})")
         assert diff <= tol
     benchmark.extra_info.update(

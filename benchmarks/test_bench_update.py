@@ -15,10 +15,10 @@ from cpsample_fast.bench.update_suite import (
     BYTES_PER_ELEMENT,
     COPY_BYTES_PER_ELEMENT,
     MATCH_RTOL,
-    _inner_calls,
-    _inputs,
-    _providers,
+    inner_calls,
     native_backends,
+    update_inputs,
+    update_providers,
 )
 
 from .conftest import bench_device, bench_repeats, bench_sizes
@@ -32,9 +32,11 @@ _COPY_GBPS: dict[int, float] = {}
 @pytest.mark.parametrize("numel", SIZES)
 @pytest.mark.parametrize("provider", PROVIDER_NAMES)
 def test_update(benchmark, collector, provider, numel):
-    x, o, g, coefs, rng = _inputs(numel, DEVICE)
-    fn = _providers(x, o, g, coefs, rng, [p for p in PROVIDER_NAMES if p != "copy"], None)[provider]
-    inner = _inner_calls(x.numel(), DEVICE)
+    x, o, g, coefs, rng = update_inputs(numel, DEVICE)
+    fn = update_providers(x, o, g, coefs, rng, [p for p in PROVIDER_NAMES if p != "copy"], None)[
+        provider
+    ]
+    inner = inner_calls(x.numel(), DEVICE)
 
     def call():
         for _ in range(inner):
