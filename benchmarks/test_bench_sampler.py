@@ -12,7 +12,7 @@ import torch
 
 from cpsample_fast.bench.providers import PROVIDERS
 from cpsample_fast.bench.records import Row
-from cpsample_fast.bench.timing import synchronize
+from cpsample_fast.bench.timing import percentile, synchronize
 
 from .conftest import bench_device
 
@@ -58,42 +58,15 @@ def test_sample(benchmark, sampling_context, collector, provider):
     stats = getattr(benchmark, "stats", None)
     if stats is None:  # --benchmark-disable: the call ran once, nothing was timed
         return
-    data = sorted(stats.stats.data)
-    med = stats.stats.median
-    p20 = data[int(0.2 * (len(data) - 1))]
-    p80 = data[int(round(0.8 * (len(data) - 1)))]
+    data = list(stats.stats.data)  # the harness's quantiles (bench/timing.py)
+    med, p20, p80 = stats.stats.median, percentile(data, 0.2), percentile(data, 0.8)
     op = f"sample/{s.config.name}"
     extra = {"steps": s.steps, "update_backend": backend, "source": "pytest-benchmark"}
-    B = s.batch
-    collector.rows.append(
-        Row(
-            op,
-            provider,
-            "sample",
-            "images_per_s",
-            "img/s",
-            "batch",
-            B,
-            B / med,
-            B / p80,
-            B / p20,
-            extra,
-        )
-    )
-    k = 1000.0 / s.steps
-    collector.rows.append(
-        Row(
-            op,
-            provider,
-            "sample",
-            "ms_per_step",
-            "ms",
-            "batch",
-            B,
-            med * k,
-            p20 * k,
-            p80 * k,
-            extra,
-        )
-    )
+    B, k = s.batch, 1000.0 / s.steps
+
+    def row(metric, unit, median, p20, p80):
+        return Row(op, provider, "sample", metric, unit, "batch", B, median, p20, p80, extra)
+
+    collector.rows.append(row("images_per_s", "img/s", B / med, B / p80, B / p20))
+    collector.rows.append(row("ms_per_step", "ms", med * k, p20 * k, p80 * k))
     collector.seconds[(op, provider)] = (med, p20, p80)

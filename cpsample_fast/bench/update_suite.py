@@ -112,7 +112,7 @@ def update_providers(
 MATCH_RTOL = 1e-5
 
 
-def _measurement(name: str, n: int, timing: Timing, copy_gbps: float | None):
+def update_measurement(name: str, n: int, timing: Timing, copy_gbps: float | None):
     """GB/s of ``timing`` at ``n`` elements, and its fraction of the copy's bandwidth."""
     nbytes = (COPY_BYTES_PER_ELEMENT if name == "copy" else BYTES_PER_ELEMENT) * n
     gbps = (nbytes / timing.median / 1e9, nbytes / timing.p80 / 1e9, nbytes / timing.p20 / 1e9)
@@ -120,7 +120,9 @@ def _measurement(name: str, n: int, timing: Timing, copy_gbps: float | None):
     return UpdateMeasurement(name, n, timing, gbps, frac)
 
 
-def _rows(m: UpdateMeasurement, shape, inner: int, diff: float | None, tol: float) -> list[Row]:
+def update_rows(
+    m: UpdateMeasurement, shape, inner: int, diff: float | None, tol: float
+) -> list[Row]:
     """The CSV rows of one measurement: time, bandwidth and (not for the copy) its fraction."""
     per_element = COPY_BYTES_PER_ELEMENT if m.provider == "copy" else BYTES_PER_ELEMENT
     extra = {"shape": list(shape), "bytes_per_element": per_element, "inner": inner}
@@ -196,11 +198,11 @@ def run_update_bench(
                     f"MISMATCH: max |{name} - torch spec| = {diff:.3g} exceeds "
                     f"{MATCH_RTOL * spec_scale:.3g} (timed anyway)"
                 )
-            m = _measurement(name, n, timing, copy_gbps)
+            m = update_measurement(name, n, timing, copy_gbps)
             if name == "copy":
                 copy_gbps = m.gbps[0]
             measurements.append(m)
-            new_rows = _rows(m, x.shape, inner, diff, MATCH_RTOL * spec_scale)
+            new_rows = update_rows(m, x.shape, inner, diff, MATCH_RTOL * spec_scale)
             rows += new_rows
             if on_rows is not None:
                 on_rows(new_rows)
