@@ -16,6 +16,7 @@ import torch
 
 from ..reference import reference_sample
 from ..validation import check_int
+from .accuracy import ReferenceCheck
 from .configs import BenchConfig, build_models, convert_model, default_schedule
 from .providers import PROVIDERS, ProviderSpec
 
@@ -77,8 +78,6 @@ class SamplingContext:
     """
 
     def __init__(self, settings: SamplerBenchSettings):
-        from .accuracy import ReferenceCheck
-
         self.settings = s = settings
         self.device = s.device
         self.shape = s.config.shape(s.batch)
