@@ -28,7 +28,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from cpsample_fast.bench import Environment, Row, append_csv, get_config  # noqa: E402
-from cpsample_fast.bench.sampler_suite import SamplerBenchSettings, SamplingContext  # noqa: E402
+from cpsample_fast.bench.context import SamplerBenchSettings, SamplingContext  # noqa: E402
 
 
 def _env_int(name: str, default: int) -> int:

@@ -16,8 +16,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from cpsample_fast.bench import get_config
-from cpsample_fast.bench.sampler_suite import PROVIDERS, SamplerBenchSettings, SamplingContext
+from cpsample_fast.bench import PROVIDERS, SamplerBenchSettings, SamplingContext, get_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Whole sampling calls per provider (reference, fused, compiled, bf16, CUDA graphs, DDIM floor).
 
-The providers are ``cpsample_fast.bench.sampler_suite.PROVIDERS`` (the reference is the
+The providers are ``cpsample_fast.bench.providers.PROVIDERS`` (the reference is the
 package's ``reference_sample``); each round is one ``sample()`` call, synchronised on a GPU.
 Fused and compiled providers must also reproduce the eager reference in the same model dtype.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cpsample_fast.bench.providers import PROVIDERS
 from cpsample_fast.bench.records import Row
-from cpsample_fast.bench.sampler_suite import PROVIDERS
-from cpsample_fast.bench.timing import synchronize
+from cpsample_fast.bench.timing import percentile, synchronize
 
 from .conftest import bench_device
 
@@ -49,7 +49,7 @@ def test_sample(benchmark, sampling_context, collector, provider):
     out = benchmark.pedantic(call, rounds=s.repeats, iterations=1, warmup_rounds=0)
     assert out.shape == ctx.shape and torch.isfinite(out).all()
     if spec.fused:  # fast is only worth timing when it is right: the eager reference, same dtype
-        diff, tol = ctx.check_against_reference(spec, out)
+        diff, tol = ctx.accuracy.check(spec, out)
         print(f"{provider}: max |out - reference| = {diff:.3g} (tolerance {tol:.3g})")
         assert diff <= tol
     benchmark.extra_info.update(
@@ -58,42 +58,15 @@ def test_sample(benchmark, sampling_context, collector, provider):
     stats = getattr(benchmark, "stats", None)
     if stats is None:  # --benchmark-disable: the call ran once, nothing was timed
         return
-    data = sorted(stats.stats.data)
-    med = stats.stats.median
-    p20 = data[int(0.2 * (len(data) - 1))]
-    p80 = data[int(round(0.8 * (len(data) - 1)))]
+    data = list(stats.stats.data)  # the harness's quantiles (bench/timing.py)
+    med, p20, p80 = stats.stats.median, percentile(data, 0.2), percentile(data, 0.8)
     op = f"sample/{s.config.name}"
     extra = {"steps": s.steps, "update_backend": backend, "source": "pytest-benchmark"}
-    B = s.batch
-    collector.rows.append(
-        Row(
-            op,
-            provider,
-            "sample",
-            "images_per_s",
-            "img/s",
-            "batch",
-            B,
-            B / med,
-            B / p80,
-            B / p20,
-            extra,
-        )
-    )
-    k = 1000.0 / s.steps
-    collector.rows.append(
-        Row(
-            op,
-            provider,
-            "sample",
-            "ms_per_step",
-            "ms",
-            "batch",
-            B,
-            med * k,
-            p20 * k,
-            p80 * k,
-            extra,
-        )
-    )
+    B, k = s.batch, 1000.0 / s.steps
+
+    def row(metric, unit, median, p20, p80):
+        return Row(op, provider, "sample", metric, unit, "batch", B, median, p20, p80, extra)
+
+    collector.rows.append(row("images_per_s", "img/s", B / med, B / p80, B / p20))
+    collector.rows.append(row("ms_per_step", "ms", med * k, p20 * k, p80 * k))
     collector.seconds[(op, provider)] = (med, p20, p80)

@@ -9,17 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpsample_fast.bench.records import Row
-from cpsample_fast.bench.timing import synchronize
+from cpsample_fast.bench.timing import Timing, synchronize
 from cpsample_fast.bench.update_suite import (
-    BYTES_PER_ELEMENT,
-    COPY_BYTES_PER_ELEMENT,
     MATCH_RTOL,
-    _inner_calls,
-    _inputs,
-    _providers,
+    inner_calls,
     native_backends,
+    update_inputs,
+    update_measurement,
+    update_providers,
+    update_rows,
 )
+from cpsample_fast.ops import guided_update_spec
 
 from .conftest import bench_device, bench_repeats, bench_sizes
 
@@ -32,9 +32,10 @@ _COPY_GBPS: dict[int, float] = {}
 @pytest.mark.parametrize("numel", SIZES)
 @pytest.mark.parametrize("provider", PROVIDER_NAMES)
 def test_update(benchmark, collector, provider, numel):
-    x, o, g, coefs, rng = _inputs(numel, DEVICE)
-    fn = _providers(x, o, g, coefs, rng, [p for p in PROVIDER_NAMES if p != "copy"], None)[provider]
-    inner = _inner_calls(x.numel(), DEVICE)
+    x, o, g, coefs, rng = update_inputs(numel, DEVICE)
+    backends = [p for p in PROVIDER_NAMES if p != "copy"]
+    fn = update_providers(x, o, g, coefs, rng, backends, None)[provider]
+    inner = inner_calls(x.numel(), DEVICE)
 
     def call():
         for _ in range(inner):
@@ -46,55 +47,24 @@ def test_update(benchmark, collector, provider, numel):
         call()
         out = benchmark.pedantic(call, rounds=bench_repeats(), iterations=1, warmup_rounds=1)
     assert torch.isfinite(out).all()
+    diff = None
     if provider != "copy":  # every backend reproduces the torch specification
-        from cpsample_fast.ops import _torch as torch_ops
-
         with torch.no_grad():
-            spec = torch_ops.guided_update(x, o, g, None, coefs, rng, 0, True, False)
+            spec = guided_update_spec(x, o, g, None, coefs, rng, 0, True, False)
         diff = (out - spec).abs().max().item()
         assert diff <= MATCH_RTOL * max(spec.abs().max().item(), 1.0), diff
     stats = getattr(benchmark, "stats", None)
     if stats is None:
         return
     n = x.numel()
-    per_call = stats.stats.median / inner
-    nbytes = (COPY_BYTES_PER_ELEMENT if provider == "copy" else BYTES_PER_ELEMENT) * n
-    gbps = nbytes / per_call / 1e9
-    lo = nbytes / (stats.stats.max / inner) / 1e9
-    hi = nbytes / (stats.stats.min / inner) / 1e9
-    benchmark.extra_info.update({"numel": n, "gbps": gbps})
-    extra = {"shape": list(x.shape), "inner": inner, "source": "pytest-benchmark"}
-    collector.rows.append(
-        Row(
-            "guided_update",
-            provider,
-            "forward",
-            "bandwidth",
-            "GB/s",
-            "numel",
-            n,
-            gbps,
-            lo,
-            hi,
-            extra,
-        )
-    )
+    # per call, the harness's quantiles and rows (bench/update_suite.py)
+    timing = Timing.from_samples([d / inner for d in stats.stats.data])
+    m = update_measurement(provider, n, timing, _COPY_GBPS.get(n))
     if provider == "copy":
-        _COPY_GBPS[n] = gbps
-    elif n in _COPY_GBPS:
-        frac = gbps / _COPY_GBPS[n]
-        collector.rows.append(
-            Row(
-                "guided_update",
-                provider,
-                "forward",
-                "frac_of_copy",
-                "ratio",
-                "numel",
-                n,
-                frac,
-                frac,
-                frac,
-                extra,
-            )
-        )
+        _COPY_GBPS[n] = m.gbps[0]
+    benchmark.extra_info.update({"numel": n, "gbps": m.gbps[0]})
+    tol = None if diff is None else MATCH_RTOL * max(spec.abs().max().item(), 1.0)
+    rows = update_rows(m, x.shape, inner, diff, tol)
+    for row in rows:
+        row.extra["source"] = "pytest-benchmark"
+    collector.rows.extend(rows)

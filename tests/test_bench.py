@@ -126,14 +126,14 @@ def test_a_wrong_fast_path_is_reported_not_only_timed(monkeypatch):
     assert "MISMATCH" in result.errors["fused"]
     assert [r.name for r in result.results] == ["reference", "fused"]  # still timed
 
-    real_providers = update_suite._providers
+    real_providers = update_suite.update_providers
 
     def broken(x, o, g, coefs, rng, backends, compiled):
         calls = real_providers(x, o, g, coefs, rng, backends, compiled)
         calls["torch"] = lambda fn=calls["torch"]: fn() * 1.001
         return calls
 
-    monkeypatch.setattr(update_suite, "_providers", broken)
+    monkeypatch.setattr(update_suite, "update_providers", broken)
     usettings = update_suite.UpdateBenchSettings(
         device=torch.device("cpu"), sizes=(3072,), backends=["torch"], repeats=1, warmup=0,
         compile=False,
@@ -181,9 +181,14 @@ def test_measure_counts_repeats_and_percentiles():
 
 
 def test_bad_options_are_refused(tmp_path, capsys):
-    # bad input: one line naming the option on stderr, exit status 2 (cli/__main__.py)
+    # bad input: one line naming the option on stderr, exit status 2 (cli/__main__.py), from
+    # the library's ValueError or from argparse (which exits)
     def refused(argv, match):
-        assert cli_main(argv) == 2
+        try:
+            code = cli_main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        assert code == 2
         err = capsys.readouterr().err.strip()
         assert match in err and len(err.splitlines()) == 1, err
 
@@ -191,6 +196,11 @@ def test_bad_options_are_refused(tmp_path, capsys):
     if not torch.cuda.is_available():
         refused(["bench", "--quick", "--providers", "fused+cudagraph"], "CUDA")
     refused(["bench", "--quick", "--batch", "0"], "--batch")
+    refused(["bench", "--quick", "--warmup", "-1"], "--warmup")
+    refused(["bench", "--quick", "--alpha", "0.7"], "--alpha")
+    refused(["bench", "--quick", "--suite", "update", "--sizes", "0"], "sizes")
+    refused(["bench", "--quick", "--suite", "matched", "--config", "tiny"], "config")
+    refused(["bench", "--device", "mps"], "device")
 
 
 def test_device_check_script_parses_and_its_report_reads_the_quick_run(quick_run, tmp_path):
@@ -247,7 +257,9 @@ def test_matched_suite_prints_the_quality_matched_table(tmp_path, capsys):
     assert sorted(r["provider"] for r in rows) == ["ddim-4", "dpmsolver++-2"]
     (report,) = [json.loads(p.read_text()) for p in out.glob("bench_matched_*.json")]
     assert report["matched"]["speedup_dpm_over_ddim"] > 0
-    assert cli_main(["bench", "--quick", "--suite", "matched", "--matched-steps", "0"]) == 2
+    with pytest.raises(SystemExit) as exc:  # argparse: one line, exit status 2
+        cli_main(["bench", "--quick", "--suite", "matched", "--matched-steps", "0"])
+    assert exc.value.code == 2
     assert "--matched-steps" in capsys.readouterr().err
 
 
@@ -276,3 +288,121 @@ def test_device_check_plan_fits_its_budget(dry, tmp_path):
     env = {**os.environ, "CPSAMPLE_CHECK_BUDGET_S": "300"}
     bad = subprocess.run(args, capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "exceed the budget" in bad.stderr
+
+
+def test_plan_bench_applies_the_defaults_and_refuses_bad_options():
+    """The library call behind `cpsample bench`: each suite's settings, or a ValueError naming
+    the option."""
+    from cpsample_fast.bench import DEFAULT_PROVIDERS, QUICK_PROVIDERS
+    from cpsample_fast.bench.plan import plan_bench
+    from cpsample_fast.bench.update_suite import DEFAULT_SIZES, QUICK_SIZES
+
+    cpu = torch.device("cpu")
+    quick = plan_bench(cpu, quick=True)
+    assert quick.name == "tiny_cpu" and quick.matched is None
+    assert quick.sampler.config.name == "tiny" and quick.sampler.providers == list(QUICK_PROVIDERS)
+    assert (quick.sampler.batch, quick.sampler.steps, quick.sampler.repeats) == (3, 3, 2)
+    assert quick.update.sizes == QUICK_SIZES and quick.update.compile is False
+    assert quick.update.repeats == 3
+    full = plan_bench(cpu, batch=5, providers=["fused,reference"])
+    assert full.sampler.config.name == "cifar" and full.sampler.batch == 5
+    assert full.sampler.providers == ["reference", "fused"]  # the baseline first
+    assert full.update.sizes == DEFAULT_SIZES["cpu"] and full.update.compile is True
+    assert plan_bench(cpu).sampler.providers == [
+        n for n in DEFAULT_PROVIDERS if n != "fused+cudagraph"
+    ]
+    assert plan_bench(cpu, suite="update", sizes=[1e4]).sampler is None
+    matched = plan_bench(cpu, suite="matched", quick=True, matched_steps=2)
+    assert matched.sampler is None and matched.update is None and matched.name == "matched_cpu"
+    assert matched.matched["batch"] == 8 and matched.matched["ddim_steps"] == 4
+    assert matched.matched["dpm_steps"] == 2
+    for kwargs, match in (
+        ({"suite": "bogus"}, "suite"),
+        ({"batch": 0}, "batch"),
+        ({"repeats": True}, "repeats"),
+        ({"warmup": -1}, "warmup"),
+        ({"suite": "matched", "config": "tiny"}, "config"),
+        ({"suite": "matched", "matched_steps": 0}, "matched_steps"),
+        ({"sizes": [0]}, "sizes"),
+        ({"providers": ["nope"]}, "providers"),
+        ({"config": "nope"}, "config"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            plan_bench(cpu, quick=True, **kwargs)
+
+
+def test_run_log_writes_each_row_as_it_arrives(tmp_path):
+    from cpsample_fast.bench.records import RunLog
+
+    env = Environment(device="cpu", versions="torch=x", commit="abc", timestamp="now")
+    row = Row("op", "p", "m", "metric", "u", "x", 3, 2.0, 1.0, 3.0, {"a": 1})
+    log = RunLog(env, tmp_path, "tiny_cpu", {"argv": {"quick": True}})
+    assert log.json_path.name.startswith("bench_tiny_cpu_") and log.json_path.suffix == ".json"
+    log.add([row])
+    partial = json.loads(log.json_path.read_text())
+    assert partial["complete"] is False and len(partial["rows"]) == 1
+    assert partial["environment"]["commit"] == "abc" and partial["argv"] == {"quick": True}
+    log.add([row, row])
+    assert len(read_csv(tmp_path / "bench.csv")) == 3
+    report = log.finish({"table": "t"})
+    assert json.loads(log.json_path.read_text()) == report
+    assert report["complete"] is True and len(report["rows"]) == 3 and report["table"] == "t"
+    quiet = RunLog(env, None, "tiny_cpu", {})  # no folder: collected only
+    quiet.add([row])
+    assert len(quiet.records) == 1 and quiet.finish({})["complete"] is True
+
+
+def _tiny_context(**kwargs):
+    from cpsample_fast.bench import SamplerBenchSettings, SamplingContext, get_config
+
+    settings = SamplerBenchSettings(
+        config=get_config("tiny"), device=torch.device("cpu"), batch=2, steps=2,
+        providers=[], repeats=1, warmup=0, **kwargs,
+    )  # fmt: skip
+    return SamplingContext(settings)
+
+
+def test_unguided_fused_provider_is_checked_against_the_unguided_float64_baseline():
+    """ddim+compile+bf16's check path (eager here): plain DDIM in float64 is its baseline, and
+    a shifted output is caught."""
+    from cpsample_fast import reference_sample
+    from cpsample_fast.bench import ProviderSpec
+    from cpsample_fast.bench.configs import convert_model
+
+    ctx = _tiny_context(accuracy_batch=1)
+    x64, gate = ctx.accuracy.fp64(guided=False)
+    assert gate is None and x64.dtype == torch.float64 and x64.shape == (1, 1, 16, 16)
+    with torch.no_grad():
+        expect = reference_sample(
+            convert_model(ctx.eps32, torch.float64), None, ctx.schedule, (1, 1, 16, 16),
+            noise=ctx.x_T[:1], dtype=torch.float64, **ctx.common_kwargs(False),
+        )  # fmt: skip
+    torch.testing.assert_close(x64, expect, rtol=0, atol=0)
+    assert 0.0 <= ctx.accuracy.fp64(guided=True)[1] <= 1.0
+    spec = ProviderSpec("ddim-fused", fused=True, guided=False)
+    run, _ = ctx.make_runner(spec)
+    out = run()
+    diff, tol = ctx.accuracy.check(spec, out)
+    assert diff <= tol < 1e-2
+    bad, tol = ctx.accuracy.check(spec, out + 0.05)
+    assert bad > tol
+
+
+def test_split_times_the_same_protector_vjp_as_either_loop_computes_it():
+    """The split's protector piece: torch.func.vjp (CPSampler) and autograd.grad on the tape
+    (the reference) compute the same VJP, and every piece is timed."""
+    from cpsample_fast.bench import PROVIDERS
+    from cpsample_fast.bench.pieces import _protector_fwd_bwd, time_pieces
+    from cpsample_fast.model_caller import ModelCaller
+
+    ctx = _tiny_context()
+    x = ctx.x_T.float().contiguous()
+    t = torch.full((x.shape[0],), 500, dtype=torch.long)
+    prot = ModelCaller(ctx.prot32)
+    fused, tape = (_protector_fwd_bwd(prot, x, t, fused)() for fused in (True, False))
+    assert fused.abs().max() > 0
+    torch.testing.assert_close(fused, tape, rtol=1e-5, atol=1e-6)
+    pieces = time_pieces(ctx, PROVIDERS["fused"], "torch")
+    assert set(pieces) == {"eps_model", "protector", "update"}
+    assert all(p.median > 0 for p in pieces.values())
+    assert set(time_pieces(ctx, PROVIDERS["ddim"], "torch")) == {"eps_model", "update"}

@@ -9,7 +9,7 @@ low-precision error the accuracy column reports, is not trivially zero.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -26,73 +26,63 @@ class BenchConfig:
     Attributes:
         name: ``tiny``, ``cifar`` or ``gpu35m``.
         unet: a ``SmallUNet`` config name (``UNET_CONFIGS``).
-        protector: ``ProtectorNet`` keyword arguments.
         channels: image channels.
         size: image height = width.
         batch: default batch size.
         steps: default number of DDIM steps.
         device: the device the configuration is meant for (``cpu`` or ``cuda``).
         about: one line for the table's title.
+        protector: ``ProtectorNet`` keyword arguments beyond the image's (``in_channels``,
+            ``resolution``, which follow ``channels`` and ``size``).
     """
 
     name: str
     unet: str
-    protector: dict
     channels: int
     size: int
     batch: int
     steps: int
     device: str
     about: str
+    protector: dict = field(default_factory=dict)
 
     def shape(self, batch: int | None = None) -> tuple[int, int, int, int]:
         """``(B, C, H, W)`` of one sampling call."""
         return (int(batch or self.batch), self.channels, self.size, self.size)
 
+    def protector_kwargs(self) -> dict:
+        """Every ``ProtectorNet`` keyword argument of this configuration."""
+        return {"in_channels": self.channels, "resolution": self.size, **self.protector}
+
     def to_dict(self) -> dict:
-        """JSON-able description."""
-        return asdict(self)
+        """JSON-able description (``protector``: every ``ProtectorNet`` keyword argument)."""
+        return {**asdict(self), "protector": self.protector_kwargs()}
 
 
+# A table, one configuration per entry: the model, the image and run sizes, the title.
+# fmt: off
 CONFIGS: dict[str, BenchConfig] = {
     # For tests and CI: a ~30k-parameter UNet on 1×16×16, an odd batch, a few steps.
     "tiny": BenchConfig(
-        name="tiny",
-        unet="tiny",
-        protector={"in_channels": 1, "resolution": 16, "base_channels": 8, "max_groups": 4},
-        channels=1,
-        size=16,
-        batch=3,
-        steps=3,
-        device="cpu",
+        "tiny", unet="tiny", protector={"base_channels": 8, "max_groups": 4},
+        channels=1, size=16, batch=3, steps=3, device="cpu",
         about="tiny UNet (1x16x16) + tiny ProtectorNet",
     ),
     # The CPU target of the fast-path issue: CIFAR-like UNet (~4.4M parameters) + its
     # ProtectorNet (~0.36M) at batch 16.
     "cifar": BenchConfig(
-        name="cifar",
-        unet="cifar-small",
-        protector={"in_channels": 3, "resolution": 32},
-        channels=3,
-        size=32,
-        batch=16,
-        steps=10,
-        device="cpu",
+        "cifar", unet="cifar-small",
+        channels=3, size=32, batch=16, steps=10, device="cpu",
         about="CIFAR-like UNet 'cifar-small' (3x32x32) + ProtectorNet",
     ),
     # The GPU target: the ~35M-parameter UNet at batch 64 with a wider protector.
     "gpu35m": BenchConfig(
-        name="gpu35m",
-        unet="bench-35m",
-        protector={"in_channels": 3, "resolution": 32, "base_channels": 64},
-        channels=3,
-        size=32,
-        batch=64,
-        steps=20,
-        device="cuda",
+        "gpu35m", unet="bench-35m", protector={"base_channels": 64},
+        channels=3, size=32, batch=64, steps=20, device="cuda",
         about="35M-parameter UNet 'bench-35m' (3x32x32) + ProtectorNet(base 64)",
     ),
 }
+# fmt: on
 
 
 def get_config(name: str) -> BenchConfig:
@@ -114,7 +104,7 @@ def build_models(config: BenchConfig, device: torch.device | str, seed: int = 0)
         eps_model = SmallUNet(config.unet)
         # Default Conv2d init instead of SmallUNet's zero output layer (see the module doc).
         eps_model.out_conv.reset_parameters()
-        protector = ProtectorNet(**config.protector)
+        protector = ProtectorNet(**config.protector_kwargs())
     finally:
         torch.random.set_rng_state(gen_state)
     return eps_model.to(device).eval(), protector.to(device).eval()

@@ -1,11 +1,10 @@
 """One output schema for every benchmark: Liger-style CSV rows plus the run's environment.
 
 Columns (benchmarks/README.md "CSV schema"): ``op, provider, mode, metric, unit, x_name, x, median,
-p20, p80, device,
-versions, commit, timestamp, extra``. A row is one measured quantity of one provider at one
-size; ``extra`` is a JSON object with the configuration that produced it. Rows are appended to a
-CSV file (rewritten atomically, so a killed run never leaves a half-written line) and kept in the
-run's JSON.
+p20, p80, device, versions, commit, timestamp, extra``. A row is one measured quantity of one
+provider at one size; ``extra`` is a JSON object with the configuration that produced it. Rows
+are appended to a CSV file (rewritten atomically, so a killed run never leaves a half-written
+line) and kept in the run's JSON (:class:`RunLog`).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_path
+from ..io import atomic_path, write_json_atomic
 
 CSV_COLUMNS = (
     "op",
@@ -77,6 +76,12 @@ def versions() -> str:
     return ";".join(parts)
 
 
+def _git(root: Path, *args: str) -> str:
+    """stdout of ``git -C root args`` (raises ``OSError`` / ``SubprocessError`` on failure)."""
+    cmd = ["git", "-C", str(root), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=True).stdout
+
+
 def git_commit(repo: str | os.PathLike | None = None) -> str:
     """Short commit of the git checkout at ``repo`` (default: the working directory, where the
     user runs the benchmark), ``+dirty`` when modified, or ``unknown`` outside a checkout.
@@ -86,20 +91,8 @@ def git_commit(repo: str | os.PathLike | None = None) -> str:
     """
     root = Path(repo) if repo is not None else Path.cwd()
     try:
-        sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        sha = _git(root, "rev-parse", "--short=12", "HEAD").strip()
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no").strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{sha}+dirty" if dirty else sha
@@ -186,3 +179,47 @@ def read_csv(path: str | os.PathLike) -> list[dict]:
     """Rows of a benchmark CSV as dicts of strings."""
     with open(path, encoding="utf-8", newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+def report_path(out_dir: str | os.PathLike, name: str) -> Path:
+    """``out_dir/bench_<name>_<UTC time>.json``: one run's JSON report."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path(out_dir) / f"bench_{name}_{stamp}.json"
+
+
+class RunLog:
+    """One run's rows, written as they are measured: appended to ``out_dir/bench.csv`` and the
+    whole JSON report rewritten (both atomic), so a run cut short by a time limit keeps what it
+    measured. Without ``out_dir`` the records are only collected.
+
+    Args:
+        env: the run's environment (the shared columns of its rows).
+        out_dir: an existing writable folder, or None.
+        name: names the JSON report (:func:`report_path`), e.g. ``tiny_cpu``.
+        header: JSON-able entries the report starts with (e.g. the command's options).
+    """
+
+    def __init__(self, env: Environment, out_dir: Path | None, name: str, header: dict) -> None:
+        self.env = env
+        self.records: list[dict] = []
+        self.header = {"environment": asdict(env), **header}
+        self.csv_path = None if out_dir is None else Path(out_dir) / "bench.csv"
+        self.json_path = None if out_dir is None else report_path(out_dir, name)
+
+    def add(self, rows: list[Row]) -> None:
+        """Record ``rows`` now (CSV and a JSON marked ``complete: false``)."""
+        new = [row.to_record(self.env) for row in rows]
+        self.records.extend(new)
+        if self.csv_path is not None:
+            append_csv(self.csv_path, new)
+            write_json_atomic(
+                self.json_path, {**self.header, "rows": self.records, "complete": False}
+            )
+
+    def finish(self, sections: dict) -> dict:
+        """The complete report (``sections`` added, e.g. each suite's summary and the table),
+        written when there is a folder."""
+        report = {**self.header, **sections, "rows": self.records, "complete": True}
+        if self.json_path is not None:
+            write_json_atomic(self.json_path, report)
+        return report

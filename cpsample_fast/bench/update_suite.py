@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .records import Row
-from .sampler_suite import short_error
+from .report import short_error
 from .timing import Timing, measure
 
 OP = "guided_update"
@@ -70,7 +70,9 @@ def native_backends(device: torch.device) -> list[str]:
     return names
 
 
-def _inputs(numel: int, device: torch.device):
+def update_inputs(numel: int, device: torch.device):
+    """Seeded float32 ``(x, model output, guidance, coefficients, Philox words)`` of about
+    ``numel`` elements, in CIFAR-like samples ``[B, 3, 32, 32]``."""
     B = max(1, round(numel / SAMPLE_NUMEL))
     gen = torch.Generator(device="cpu").manual_seed(0)
     shape = (B, 3, 32, 32)
@@ -80,14 +82,17 @@ def _inputs(numel: int, device: torch.device):
     return x, o, g, coefs, rng
 
 
-def _inner_calls(numel: int, device: torch.device) -> int:
-    # Keep each timed repeat above ~1 ms of work so timer and launch gaps do not dominate.
+def inner_calls(numel: int, device: torch.device) -> int:
+    """Calls per timed repeat: each repeat stays above ~1 ms of work, so timer and launch gaps
+    do not dominate."""
     per_call_bytes = BYTES_PER_ELEMENT * numel
     target = 4e8 if device.type == "cuda" else 2e7
     return int(min(200, max(1, target // per_call_bytes)))
 
 
-def _providers(x, o, g, coefs, rng, backends, compiled) -> dict[str, Callable[[], torch.Tensor]]:
+def update_providers(
+    x, o, g, coefs, rng, backends, compiled
+) -> dict[str, Callable[[], torch.Tensor]]:
     """Zero-argument calls: the copy ceiling, each backend, and the compiled torch update."""
     from .. import ops
 
@@ -105,6 +110,33 @@ def _providers(x, o, g, coefs, rng, backends, compiled) -> dict[str, Callable[[]
 # max |provider - torch| over max(|torch|, 1): float32, same operation order in every backend
 # (no FMA contraction), so anything above a few ulp is a wrong kernel, not rounding.
 MATCH_RTOL = 1e-5
+
+
+def update_measurement(name: str, n: int, timing: Timing, copy_gbps: float | None):
+    """GB/s of ``timing`` at ``n`` elements, and its fraction of the copy's bandwidth."""
+    nbytes = (COPY_BYTES_PER_ELEMENT if name == "copy" else BYTES_PER_ELEMENT) * n
+    gbps = (nbytes / timing.median / 1e9, nbytes / timing.p80 / 1e9, nbytes / timing.p20 / 1e9)
+    frac = None if copy_gbps is None or name == "copy" else gbps[0] / copy_gbps
+    return UpdateMeasurement(name, n, timing, gbps, frac)
+
+
+def update_rows(
+    m: UpdateMeasurement, shape, inner: int, diff: float | None, tol: float
+) -> list[Row]:
+    """The CSV rows of one measurement: time, bandwidth and (not for the copy) its fraction."""
+    per_element = COPY_BYTES_PER_ELEMENT if m.provider == "copy" else BYTES_PER_ELEMENT
+    extra = {"shape": list(shape), "bytes_per_element": per_element, "inner": inner}
+    if diff is not None:
+        extra.update(max_abs_diff_vs_torch=diff, matches=diff <= tol)
+
+    def row(metric: str, unit: str, values) -> Row:
+        return Row(OP, m.provider, "forward", metric, unit, "numel", m.numel, *values, extra)
+
+    us = m.timing.scaled(1e6)
+    rows = [row("time", "us", (us.median, us.p20, us.p80)), row("bandwidth", "GB/s", m.gbps)]
+    if m.frac_of_copy is not None:
+        rows.append(row("frac_of_copy", "ratio", (m.frac_of_copy,) * 3))
+    return rows
 
 
 def run_update_bench(
@@ -140,10 +172,10 @@ def run_update_bench(
     errors: dict[str, str] = {}
     rows: list[Row] = []
     for numel in s.sizes:
-        x, o, g, coefs, rng = _inputs(numel, device)
+        x, o, g, coefs, rng = update_inputs(numel, device)
         n = x.numel()
-        inner = _inner_calls(n, device)
-        providers = _providers(x, o, g, coefs, rng, backends, compiled)
+        inner = inner_calls(n, device)
+        providers = update_providers(x, o, g, coefs, rng, backends, compiled)
         with torch.no_grad():
             spec = guided_update_spec(x, o, g, None, coefs, rng, 0, True, False)
         spec_scale = max(float(spec.abs().max()), 1.0)
@@ -166,42 +198,11 @@ def run_update_bench(
                     f"MISMATCH: max |{name} - torch spec| = {diff:.3g} exceeds "
                     f"{MATCH_RTOL * spec_scale:.3g} (timed anyway)"
                 )
-            nbytes = (COPY_BYTES_PER_ELEMENT if name == "copy" else BYTES_PER_ELEMENT) * n
-            gbps = (
-                nbytes / timing.median / 1e9,
-                nbytes / timing.p80 / 1e9,
-                nbytes / timing.p20 / 1e9,
-            )
+            m = update_measurement(name, n, timing, copy_gbps)
             if name == "copy":
-                copy_gbps = gbps[0]
-            frac = None if copy_gbps is None or name == "copy" else gbps[0] / copy_gbps
-            measurements.append(UpdateMeasurement(name, n, timing, gbps, frac))
-            extra = {"shape": list(x.shape), "bytes_per_element": nbytes // n, "inner": inner}
-            if diff is not None:
-                extra.update(max_abs_diff_vs_torch=diff, matches=diff <= MATCH_RTOL * spec_scale)
-            us = timing.scaled(1e6)
-            new_rows = [
-                Row(
-                    OP, name, "forward", "time", "us", "numel", n, us.median, us.p20, us.p80, extra
-                ),
-                Row(OP, name, "forward", "bandwidth", "GB/s", "numel", n, *gbps, extra),
-            ]
-            if frac is not None:
-                new_rows.append(
-                    Row(
-                        OP,
-                        name,
-                        "forward",
-                        "frac_of_copy",
-                        "ratio",
-                        "numel",
-                        n,
-                        frac,
-                        frac,
-                        frac,
-                        extra,
-                    )
-                )
+                copy_gbps = m.gbps[0]
+            measurements.append(m)
+            new_rows = update_rows(m, x.shape, inner, diff, MATCH_RTOL * spec_scale)
             rows += new_rows
             if on_rows is not None:
                 on_rows(new_rows)
@@ -232,3 +233,22 @@ def format_update_table(measurements: list[UpdateMeasurement], errors: dict[str,
             lines.append(f"{key:<26} FAILED: {short_error(msg)}")
     lines.append("bytes: 3 reads + 1 write of float32 per element (copy: 1 read + 1 write)")
     return "\n".join(lines)
+
+
+def update_summary(
+    settings: UpdateBenchSettings, measurements: list[UpdateMeasurement], errors: dict[str, str]
+) -> dict:
+    """JSON-able summary of an update run (settings, GB/s per provider and size, errors)."""
+    return {
+        "settings": settings.to_dict(),
+        "errors": errors,
+        "measurements": [
+            {
+                "provider": m.provider,
+                "numel": m.numel,
+                "gbps": m.gbps[0],
+                "frac_of_copy": m.frac_of_copy,
+            }
+            for m in measurements
+        ],
+    }

@@ -66,3 +66,10 @@ def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: b
 
     convert.__name__ = "finite_float"
     return convert
+
+
+def options(args: argparse.Namespace, *names: str) -> dict:
+    """``{name: args.<name>}`` for each of ``names``: a subcommand hands its parsed options to
+    a library function by keyword (``run(**options(args, "batch", "steps"))``) instead of
+    spelling ``batch=args.batch`` once per option."""
+    return {name: getattr(args, name) for name in names}
