@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from . import _args as A
@@ -220,17 +219,14 @@ def _latents(args, out, members, holdout, device):
 
 
 def main(args) -> int:
-    """Run ``cpsample train-protector``; 0 on success, 2 (one line on stderr) on bad input."""
+    """Run ``cpsample train-protector``; 0 on success (bad input: ``cli/__main__`` exits 2)."""
     from ..distributed import RankInfo, all_agree, init_process_group
 
     info = RankInfo.from_env()
     device = info.device(args.device or "auto")
     own_group = init_process_group(info, device)
-    try:
+    try:  # bad input propagates to the one handler in cli/__main__ (one line, exit 2)
         return _run(args, info, device, all_agree)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"cpsample train-protector: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
     finally:
         if own_group:
             import torch.distributed as dist

@@ -9,7 +9,6 @@ the recommendation, its held-out re-score and the rejection baseline), ``pareto.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 HELP = "search mode/alpha/scale/guidance range for replication, quality and membership targets"
@@ -103,33 +102,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    import torch
+
+    from ..models import load_eps_model
     from ..protector import load_protector
     from ..tune import Targets, tune_guidance
     from .evaluate import load_images
-    from ..models import load_eps_model
 
-    try:
-        import torch
-
-        targets = Targets(
-            replication_cut=args.target_cut,
-            blurred_factor=args.target_blurred_factor,
-            blurred_margin=args.target_blurred_margin,
-            frechet_ratio=args.target_frechet,
-            membership_auc=args.target_auc,
-        ).check()
-        real = {"normalize": args.normalize, "grayscale": args.grayscale}
-        members = load_images(args.members, **real)
-        reference = load_images(args.reference, **real)
-        model, schedule = load_eps_model(args.model, torch.device("cpu"))
-        protector, meta = load_protector(args.protector)
-        protector.requires_grad_(False)
-        search = {name: getattr(args, name) for name in SEARCH_OPTIONS}
-        result = tune_guidance(model, protector, schedule, members, reference, targets=targets,
-                               protector_meta=meta, **search)  # fmt: skip
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"cpsample tune: {err}", file=sys.stderr)
-        return 2
+    targets = Targets(
+        replication_cut=args.target_cut,
+        blurred_factor=args.target_blurred_factor,
+        blurred_margin=args.target_blurred_margin,
+        frechet_ratio=args.target_frechet,
+        membership_auc=args.target_auc,
+    ).check()
+    real = {"normalize": args.normalize, "grayscale": args.grayscale}
+    members = load_images(args.members, **real)
+    reference = load_images(args.reference, **real)
+    model, schedule = load_eps_model(args.model, torch.device("cpu"))
+    protector, meta = load_protector(args.protector)
+    protector.requires_grad_(False)
+    search = {name: getattr(args, name) for name in SEARCH_OPTIONS}
+    result = tune_guidance(model, protector, schedule, members, reference, targets=targets,
+                           protector_meta=meta, **search)  # fmt: skip
     paths = result.write(Path(args.out))
     print(result.summary())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
