@@ -22,11 +22,11 @@ from .model_caller import ModelCaller
 from .sampling_options import as_int64, check_offset, resolve_sampling_options
 from .schedule_tables import ddim_coef_table
 from .solvers import dpm_coef_table, dpm_timesteps
+from .step_guidance import guidance_term
 from .trace import SamplingTrace
 from .validation import (
     check_model_output,
     check_noise_args,
-    check_protector_output,
     check_seed,
     check_shape,
 )
@@ -42,21 +42,6 @@ class _Run:
     backend: str
     seed_backend: str
     side_stream: object = None
-
-
-def _scaled_guidance(g: torch.Tensor, scale_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``G = scale_t · g`` as a row-major float32 tensor like ``x``, in one pass over ``g``.
-
-    A channels_last protector (or one in bf16) returns its input gradient channels_last; the
-    fused update reads row-major memory, so the layout change is folded into the scaling the
-    step needs anyway instead of costing a copy inside the op. Compiled, inductor fuses the
-    product and the layout change into one kernel.
-    """
-    if torch.compiler.is_compiling():
-        return (g.float() * scale_t).contiguous()
-    if g.dtype != torch.float32:
-        g = g.float()  # bf16/fp16 products would round to the low precision
-    return torch.mul(g, scale_t, out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
 
 
 class CPSampler:
@@ -79,14 +64,12 @@ class CPSampler:
         guidance_range: optional inclusive ``(t_min, t_max)`` of training timesteps where the
             protector is run; elsewhere the step skips it entirely (a static, per-step choice:
             use it where the protector's report shows it never reaches the gate, e.g. from
-            ``report.acting_range()``). Measured on the 2-core CPU, CIFAR-like config, batch 16,
-            10 steps: guiding only t < 300 (3 of 10 steps) takes 124.9 ms/step against 132.1 for
-            every step and 119.4 unguided — the protector's forward + backward is ~10% of a step.
+            ``report.acting_range()``); the steps outside save the protector's forward and
+            backward.
         streams: on CUDA, run the protector's forward + VJP on a side stream, overlapping the
             eps-model (eager mode only: ``torch.compile`` does not trace streams).
         compile_options: inductor options for ``compile``, e.g. ``{"freezing": True}``
-            (constant-folds the weights: on the 2-core CPU, CIFAR-like config, 1.15× vs 1.12×
-            the reference without it; the models' weights must not change afterwards).
+            (constant-folds the weights; the models' weights must not change afterwards).
         use_clipped_model_output: as diffusers' ``DDIMScheduler.step``: the direction term's ε̂
             is re-derived from the clipped x̂0, ``(x_t - √ᾱ_t·x̂0) / √(1-ᾱ_t)``, for every sample
             (default False: the model's ε, plus the guidance's clipped shift of x̂0 on guided
@@ -264,39 +247,13 @@ class CPSampler:
         return out.to(dtype=torch.float32, memory_format=torch.contiguous_format)
 
     def _guidance(self, x, t, k1, tables, guided: bool, run: _Run):
-        """docs/ALGORITHM.md §3 steps 2–5: logits, confidence, gate and the scaled guidance term G.
-
-        One vector-Jacobian product of the logits (input gradient only; the weights get none),
-        seeded with ``m·w(f)·sign(f)`` from the ``cpsample::guidance_seed`` op, then scaled by
-        ``s·√(1-ᾱ_t)`` in float32: seeding with the scaled ``c_b`` would push values ~1e3 times
-        larger through a low-precision protector's backward (fp16 overflows to inf).
-        """
+        """docs/ALGORITHM.md §3 steps 2–5: ``(logits, confidence, gate, G, finite_f)``
+        (:func:`~cpsample_fast.step_guidance.guidance_term`)."""
         if not guided:
             return None, None, None, None, torch.ones((), dtype=torch.bool, device=x.device)
-        B = x.shape[0]
-
-        def logits_of(x_in):
-            return check_protector_output(self._prot(x_in, t), B, None, None).float()
-
         scale_t = tables["scale"].index_select(0, k1).reshape(())
-        one = tables["one"]
-        if torch.compiler.is_compiling():
-            # torch.func.vjp traces into one fullgraph (autograd.grad would break the graph)
-            f, vjp_fn = torch.func.vjp(logits_of, x)
-            c, q, m = ops.guidance_seed(f, one, self.alpha, self._mode_id, backend=run.seed_backend)
-            (g,) = vjp_fn(c)
-        else:
-            # eager: plain autograd is ~10-15% faster than functorch's vjp for the protector's
-            # forward+backward (CPU, cifar ProtectorNet, batch 16: ~19.5 vs ~22.5 ms)
-            with torch.enable_grad():
-                x_in = x.detach().requires_grad_(True)
-                f = logits_of(x_in)
-                c, q, m = ops.guidance_seed(
-                    f.detach(), one, self.alpha, self._mode_id, backend=run.seed_backend
-                )
-                (g,) = torch.autograd.grad(f, x_in, grad_outputs=c)
-            f = f.detach()
-        return f, q, m, _scaled_guidance(g, scale_t, x), torch.isfinite(f).all()
+        return guidance_term(self._prot, x, t, scale_t, tables["one"], self.alpha, self._mode_id,
+                             seed_backend=run.seed_backend)  # fmt: skip
 
     # ------------------------------------------------------------------ helpers
     def _device_tables(self, device) -> dict:
