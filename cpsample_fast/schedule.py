@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .constants import PREDICTION_TYPES  # noqa: F401  (re-exported)
 from .schedule_config import (  # noqa: F401  (re-exported: the names' old home)
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
