@@ -99,3 +99,14 @@ def ext_function(name: str):
     if ext is None or not hasattr(ext, name):
         raise RuntimeError(f"cpsample_fast._C is not built (or lacks {name}); {_BUILD_HINT}")
     return getattr(ext, name)
+
+
+def backend_table(torch_impl, triton_impl, ext_name: str) -> dict:
+    """An op's implementation per resolved backend: the torch and Triton functions, and for
+    ``"cpp"``/``"cuda"`` the ``_C`` function ``ext_name``, looked up at call time (a missing build
+    fails there, with the build hint)."""
+
+    def run_ext(*args):
+        return ext_function(ext_name)(*args)
+
+    return {"torch": torch_impl, "triton": triton_impl, "cpp": run_ext, "cuda": run_ext}

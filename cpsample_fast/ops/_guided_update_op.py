@@ -24,11 +24,11 @@ from . import _torch
 from . import _triton as _triton_impl
 from ._backends import resolve_backend
 from ._checks import (
+    backend_table,
     check_like_x,
     check_options,
     check_small,
     check_x,
-    ext_function,
     prediction_id,
     row_major,
 )
@@ -83,22 +83,7 @@ def check_guided_update_args(
         )
 
 
-def _run_ext(
-    x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise,
-    use_clipped_model_output=False,
-):  # fmt: skip
-    return ext_function("guided_update")(
-        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise,
-        use_clipped_model_output,
-    )  # fmt: skip
-
-
-_IMPLS = {
-    "torch": _torch.guided_update,
-    "triton": _triton_impl.guided_update,
-    "cpp": _run_ext,
-    "cuda": _run_ext,
-}
+_IMPLS = backend_table(_torch.guided_update, _triton_impl.guided_update, "guided_update")
 
 
 # ---------------------------------------------------------------------------------------------
