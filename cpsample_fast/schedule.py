@@ -55,6 +55,8 @@ class NoiseSchedule:
         timestep_spacing: ``"leading"``, ``"trailing"`` or ``"linspace"``.
 
     Attributes:
+        config: the checked, frozen :class:`ScheduleConfig` (each of its keys is also an
+            attribute: ``schedule.clip_sample``, …).
         betas: float32 ``[T]``.
         alphas: float32 ``[T]``, ``1 - betas``.
         alphas_cumprod: float32 ``[T]``, ``ᾱ_t`` (``torch.cumprod(alphas)``).
