@@ -288,25 +288,27 @@ def _reference_dpmsolver(
         t_batch = torch.full((B,), t, dtype=torch.long, device=device)
         alpha_s, sigma_s = alpha_sigma(sigmas[k])
 
-        # 1. the data prediction, as convert_model_output
         out = _model_output(eps_call, x, t_batch, k, t, dtype)
+        # §3.1 x0 from the model output (the data prediction, as convert_model_output)
         if schedule.prediction_type == "epsilon":
             x0 = (x - sigma_s * out) / alpha_s
         elif schedule.prediction_type == "sample":
             x0 = out
         else:  # v_prediction
             x0 = alpha_s * x - sigma_s * out
-        if schedule.clip_sample:  # the model's own prediction, clipped; guidance acts after
+        # §3.6a clip the model's own x0
+        if schedule.clip_sample:
             x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
 
         # 2-5. protector, gate, G = s·σ_t·m·g (as in the DDIM loop)
         if opts.guides_at(t, protector is not None):
             guidance = _guidance_term(prot_call, x, t_batch, k, t, sigma_s, scale=opts.scale,
                                       alpha=opts.alpha, mode=opts.mode, trace=trace)  # fmt: skip
-            if guidance is not None:  # 6. ε̂ = ε + G moves x̂0 by -(σ_t/α_t)·G
+            # §3.6b guidance after the clip: ε̂ = ε + G moves x̂0 by -(σ_t/α_t)·G
+            if guidance is not None:
                 x0 = x0 - (sigma_s / alpha_s) * guidance
 
-        # 7. DPM-Solver++ update (dpm_solver_first_order_update / the 2M midpoint update)
+        # DPM multistep update (dpm_solver_first_order_update / the 2M midpoint update)
         alpha_t, sigma_t = alpha_sigma(sigmas[k + 1])
         h = lam(sigmas[k + 1]) - lam(sigmas[k])
         if first_order[k]:

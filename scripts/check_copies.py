@@ -1,11 +1,13 @@
-"""Check that every deliberate copy of the guided DDIM step carries the same numbered stages.
+"""Check that every deliberate copy of the guided steps carries the same numbered stages.
 
-The step (docs/ALGORITHM.md §3 steps 1, 6 and 7) is written out four times on purpose: the
+The DDIM step (docs/ALGORITHM.md §3 steps 1, 6 and 7) is written out four times on purpose: the
 reference loop, the torch specification (and its backward), the Triton kernel and the C++/CUDA
-per-element formula. The backends are tested against each other numerically; this check keeps
-their *structure* in step, as diffusers' ``# Copied from`` markers do: each copy marks its stages
-with the same comment (``# §3.6b guidance after the clip`` in Python, ``// …`` in C++), and every
-marker must be present, once, in the order of the algorithm (reversed in the backward).
+per-element formula; the guided DPM-Solver++ step likewise (its x̂0 stages are §3's, its update
+is docs/CONTRACTS.md "The multistep update"). The backends are tested against each other
+numerically; this check keeps their *structure* in step, as diffusers' ``# Copied from``
+markers do: each copy marks its stages with the same comment (``# §3.6b guidance after the
+clip`` in Python, ``// …`` in C++), and every marker must be present, once, in the order of the
+algorithm (reversed in the backward).
 
 Usage::
 
@@ -30,15 +32,24 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("§3.6c", "use_clipped_model_output"),
     ("§3.7", "DDIM update"),
 )
+# The guided DPM-Solver++ step: the same x̂0 stages, then the multistep update of
+# docs/CONTRACTS.md "The multistep update".
+DPM_STAGES: tuple[tuple[str, str], ...] = (
+    ("§3.1", "x0 from the model output"),
+    ("§3.6a", "clip the model's own x0"),
+    ("§3.6b", "guidance after the clip"),
+    ("DPM", "multistep update"),
+)
 
 
 @dataclass(frozen=True)
 class Copy:
-    """One copy of the step: the function in ``path`` whose first line contains ``anchor``."""
+    """One copy of a step: the function in ``path`` whose first line contains ``anchor``."""
 
     path: str
     anchor: str
     reverse: bool = False  # a backward pass meets the stages in reverse order
+    stages: tuple[tuple[str, str], ...] = STAGES
 
 
 COPIES: tuple[Copy, ...] = (
@@ -47,6 +58,10 @@ COPIES: tuple[Copy, ...] = (
     Copy("cpsample_fast/ops/_torch.py", "def guided_update_backward(", reverse=True),
     Copy("cpsample_fast/ops/_triton.py", "def _guided_update_kernel("),
     Copy("csrc/cpsample/step_math.h", "float guided_update_element("),
+    Copy("cpsample_fast/reference.py", "def _reference_dpmsolver(", stages=DPM_STAGES),
+    Copy("cpsample_fast/ops/_torch.py", "def dpm_update(", stages=DPM_STAGES),
+    Copy("cpsample_fast/ops/_triton.py", "def _dpm_update_kernel(", stages=DPM_STAGES),
+    Copy("csrc/cpsample/step_math.h", "float dpm_update_element(", stages=DPM_STAGES),
 )
 
 
@@ -91,7 +106,7 @@ def check_copy(root: Path, copy: Copy) -> list[str]:
     except LookupError as err:
         return [str(err)]
     where = f"{copy.path} ({copy.anchor.rstrip('(')})"
-    stages = STAGES[::-1] if copy.reverse else STAGES
+    stages = copy.stages[::-1] if copy.reverse else copy.stages
     problems, positions = [], []
     for stage in stages:
         hits = [i for i, line in enumerate(body) if marker(stage) in line]
@@ -120,7 +135,7 @@ def main() -> int:
     for problem in problems:
         print(problem)
     if not problems:
-        print(f"{len(COPIES)} copies of the guided step carry all {len(STAGES)} stages in order")
+        print(f"{len(COPIES)} copies of the guided steps carry all their stages in order")
     return 1 if problems else 0
 
 

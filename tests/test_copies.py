@@ -1,4 +1,4 @@
-"""The deliberate copies of the guided step carry the same numbered stages (check_copies.py).
+"""The deliberate copies of the guided steps carry the same numbered stages (check_copies.py).
 
 The copies (reference, torch forward and backward, Triton, C++/CUDA) are compared numerically
 elsewhere; this keeps their structure in step with docs/ALGORITHM.md §3, and checks that the
@@ -30,7 +30,7 @@ def _copy_tree(tmp_path: Path) -> Path:
 def _edit(root: Path, path: str, old: str, new: str) -> None:
     text = (root / path).read_text(encoding="utf-8")
     assert text.count(old) >= 1, f"{old!r} not in {path}"
-    (root / path).write_text(text.replace(old, new), encoding="utf-8")
+    (root / path).write_text(text.replace(old, new, 1), encoding="utf-8")  # the first only
 
 
 def test_every_copy_carries_every_stage_in_order():
@@ -45,10 +45,13 @@ def test_the_copies_cover_every_implementation_of_the_step():
         "cpsample_fast/ops/_triton.py",
         "csrc/cpsample/step_math.h",
     }
-    # the stage ids are the numbered steps of docs/ALGORITHM.md §3
+    anchors = {c.anchor for c in check_copies.COPIES}
+    assert {"def _dpm_update_kernel(", "float dpm_update_element("} <= anchors
+    # the §3 stage ids are the numbered steps of docs/ALGORITHM.md §3
     algorithm = (ROOT / "docs/ALGORITHM.md").read_text(encoding="utf-8")
     section = algorithm[algorithm.index("## 3.") : algorithm.index("## 4.")]
-    for stage_id, _ in check_copies.STAGES:
+    ids = {i for i, _ in check_copies.STAGES + check_copies.DPM_STAGES if i.startswith("§3.")}
+    for stage_id in ids:
         step = stage_id.removeprefix("§3.").rstrip("abc")
         assert f"\n{step}. **" in section, f"docs/ALGORITHM.md §3 has no step {step}"
 
@@ -56,8 +59,7 @@ def test_the_copies_cover_every_implementation_of_the_step():
 @pytest.mark.parametrize("copy", check_copies.COPIES, ids=lambda c: f"{c.path}:{c.anchor}")
 def test_a_missing_stage_is_named_with_its_file(tmp_path, copy):
     root = _copy_tree(tmp_path)
-    stage = check_copies.STAGES[2]  # §3.6b guidance after the clip
-    marker = check_copies.marker(stage)
+    marker = check_copies.marker(copy.stages[2])  # §3.6b guidance after the clip
     body = "\n".join(
         check_copies.function_lines(
             (root / copy.path).read_text(encoding="utf-8"), copy.anchor, copy.path

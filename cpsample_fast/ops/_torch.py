@@ -171,6 +171,7 @@ def dpm_update(
         ``(x_{t'}, x0)``, float32 like ``x``.
     """
     alpha_s, sigma_s, A, B, C, R, clip_range = coefs.unbind(0)
+    # §3.1 x0 from the model output
     if prediction_type == PREDICTION_EPSILON:
         x0 = (x - sigma_s * model_out) / alpha_s
     elif prediction_type == PREDICTION_V:
@@ -179,9 +180,12 @@ def dpm_update(
         x0 = model_out.clone()
     else:
         raise ValueError(f"prediction_type must be 0, 1 or 2, got {prediction_type}")
-    if clip_sample:  # the model's own prediction; the guidance acts after the clip
+    # §3.6a clip the model's own x0
+    if clip_sample:
         x0 = torch.clamp(x0, -clip_range, clip_range)
+    # §3.6b guidance after the clip: x0 - (σ_s/α_s)·G
     if guidance is not None:
         x0 = x0 - (sigma_s / alpha_s) * guidance
+    # DPM multistep update, in diffusers' operation order
     out = (A * x - B * x0) - C * (R * (x0 - x0_prev))
     return out, x0

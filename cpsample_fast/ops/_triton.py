@@ -207,12 +207,16 @@ if triton is not None:
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         o = tl.load(o_ptr + offs, mask=mask, other=0.0)
         prev = tl.load(prev_ptr + offs, mask=mask, other=0.0)
+        # §3.1 x0 from the model output
         x0, _ = _x0_eps(x, o, alpha_s, sigma_s, PREDICTION_TYPE)
-        if CLIP_SAMPLE:  # the model's own prediction; the guidance acts after the clip
+        # §3.6a clip the model's own x0
+        if CLIP_SAMPLE:
             x0 = _clamp_keep_nan(x0, tl.load(coefs_ptr + 6))
+        # §3.6b guidance after the clip: x0 - (sigma_s/alpha_s)·G
         if HAS_GUIDANCE:
             g = tl.load(g_ptr + offs, mask=mask, other=0.0)
             x0 = x0 - tl.math.div_rn(sigma_s, alpha_s) * g
+        # DPM multistep update, in diffusers' operation order
         out = (A * x - B * x0) - C * (R * (x0 - prev))
         tl.store(out_ptr + offs, out, mask=mask)
         tl.store(x0_ptr + offs, x0, mask=mask)

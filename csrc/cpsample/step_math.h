@@ -163,6 +163,7 @@ template <int P, bool CLIP, bool HAS_G>
 CPSAMPLE_HD float dpm_update_element(float x, float o, float g, float x0_prev, const DpmCoefs& c,
                                      float* x0_out) {
   float x0;
+  // §3.1 x0 from the model output
   if (P == kEpsilon) {
     x0 = (x - c.sigma_s * o) / c.alpha_s;
   } else if (P == kSample) {
@@ -170,9 +171,12 @@ CPSAMPLE_HD float dpm_update_element(float x, float o, float g, float x0_prev, c
   } else {  // kVPrediction
     x0 = c.alpha_s * x - c.sigma_s * o;
   }
-  if (CLIP) x0 = clamp_keep_nan(x0, c.clip);  // the model's own prediction; guidance after
+  // §3.6a clip the model's own x0
+  if (CLIP) x0 = clamp_keep_nan(x0, c.clip);
+  // §3.6b guidance after the clip: x0 - (sigma_s/alpha_s)*g
   if (HAS_G) x0 = x0 - (c.sigma_s / c.alpha_s) * g;
   *x0_out = x0;
+  // DPM multistep update, in diffusers' operation order
   const float d1 = c.R * (x0 - x0_prev);
   return (c.A * x - c.B * x0) - c.C * d1;
 }
