@@ -252,6 +252,15 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+def _stream_noise(seed, step, stream: int, shape, sample_offset, device) -> torch.Tensor:
+    """The noise of one stream (docs/ALGORITHM.md §4) for samples ``sample_offset …
+    sample_offset+B-1`` at loop step ``step``, on ``device`` or that of a tensor argument."""
+    shape = _check_shape(shape)
+    device = _device_of(seed, step, sample_offset, device=device)
+    idx = _sample_indices(shape[0], sample_offset, device)
+    return philox_normal(seed, idx, step, stream, shape[1:])
+
+
 def initial_noise(
     seed: IntLike,
     shape: Sequence[int],
@@ -270,10 +279,7 @@ def initial_noise(
     Returns:
         float32 ``[B, *sample_shape]``.
     """
-    shape = _check_shape(shape)
-    device = _device_of(seed, sample_offset, device=device)
-    idx = _sample_indices(shape[0], sample_offset, device)
-    return philox_normal(seed, idx, 0, STREAM_INITIAL, shape[1:])
+    return _stream_noise(seed, 0, STREAM_INITIAL, shape, sample_offset, device)
 
 
 def step_noise(
@@ -284,19 +290,7 @@ def step_noise(
     *,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Per-step noise ``z`` of loop step ``step`` (stream 0), as the fused kernels draw it.
-
-    Args:
-        seed: Python int or int64 0-dim tensor.
-        step: 0-based index in the sampling loop (int or int64 0-dim tensor).
-        shape: ``(B, *sample_shape)``.
-        sample_offset: global index of the first sample (int or int64 0-dim tensor).
-        device: output device; defaults to the device of a tensor argument, else CPU.
-
-    Returns:
-        float32 ``[B, *sample_shape]``.
-    """
-    shape = _check_shape(shape)
-    device = _device_of(seed, step, sample_offset, device=device)
-    idx = _sample_indices(shape[0], sample_offset, device)
-    return philox_normal(seed, idx, step, STREAM_STEP, shape[1:])
+    """Per-step noise ``z`` of loop step ``step`` (stream 0), as the fused kernels draw it:
+    float32 ``[B, *sample_shape]``. ``step`` is the 0-based index in the sampling loop (int or
+    int64 0-dim tensor); the other arguments as for :func:`initial_noise`."""
+    return _stream_noise(seed, step, STREAM_STEP, shape, sample_offset, device)

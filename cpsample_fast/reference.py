@@ -16,16 +16,10 @@ import torch.nn.functional as F
 
 from . import noise as _noise
 from .model_caller import ModelCaller
-from .solvers import check_solver, dpm_first_order, dpm_sigmas, dpm_timesteps
+from .sampling_options import resolve_sampling_options
+from .solvers import dpm_first_order, dpm_sigmas, dpm_timesteps
 from .trace import SamplingTrace
-from .validation import (
-    check_model_output,
-    check_noise_args,
-    check_protector_output,
-    check_sampling_args,
-    check_shape,
-    resolve_guidance_args,
-)
+from .validation import check_model_output, check_noise_args, check_protector_output, check_shape
 
 
 def objective(f: torch.Tensor, mode: str) -> torch.Tensor:
@@ -130,50 +124,100 @@ def reference_sample(
     Returns:
         The final images ``[B, C, H, W]``, and the trace when ``return_trace``.
     """
-    scale, alpha = resolve_guidance_args(protector, scale, alpha)
-    check_sampling_args(
-        schedule,
-        num_inference_steps=num_inference_steps,
-        eta=eta,
-        scale=scale,
-        alpha=alpha,
-        mode=mode,
-    )
+    opts = resolve_sampling_options(
+        protector, schedule, num_inference_steps=num_inference_steps, eta=eta, scale=scale,
+        alpha=alpha, mode=mode, solver=solver, use_clipped_model_output=use_clipped_model_output,
+        guidance_range=guidance_range,
+    )  # fmt: skip
     shape = check_shape(shape)
     check_noise_args(shape, num_inference_steps, noise, step_noise)
-    check_solver(solver, eta=eta, num_inference_steps=num_inference_steps)
-    if solver == "dpmsolver++":
-        if use_clipped_model_output:
-            raise ValueError(
-                "use_clipped_model_output is a DDIM option; solver='dpmsolver++' uses x̂0 only"
-            )
-        return _reference_dpmsolver(
-            eps_model, protector, schedule, shape, num_inference_steps=num_inference_steps,
-            scale=scale, alpha=alpha, mode=mode, seed=seed, noise=noise,
-            sample_offset=sample_offset, return_trace=return_trace, device=device, dtype=dtype,
-            guidance_range=guidance_range, callback=callback,
-        )  # fmt: skip
-    if not isinstance(use_clipped_model_output, bool):
-        raise TypeError(
-            f"use_clipped_model_output must be a bool, got {use_clipped_model_output!r}"
-        )
     if device is None:
         device = noise.device if noise is not None else torch.device("cpu")
-    B = shape[0]
-    n = num_inference_steps
+    loop = _reference_ddim if opts.solver == "ddim" else _reference_dpmsolver
+    return loop(
+        eps_model, protector, schedule, shape, opts, num_inference_steps=num_inference_steps,
+        seed=seed, noise=noise, step_noise=step_noise, sample_offset=sample_offset,
+        return_trace=return_trace, device=device, dtype=dtype, callback=callback,
+    )  # fmt: skip
+
+
+def _initial_x(noise, seed, shape, sample_offset, device, dtype) -> torch.Tensor:
+    """x_T: the explicit ``noise``, else the counter-based initial noise (docs/ALGORITHM.md §4)."""
+    if noise is not None:
+        return noise.to(device=device, dtype=dtype).clone()
+    return _noise.initial_noise(seed, shape, sample_offset=sample_offset, device=device).to(dtype)
+
+
+def _model_output(eps_call, x, t_batch, k, t, dtype) -> torch.Tensor:
+    """docs/ALGORITHM.md §3 step 1: the model's raw output, checked, in the loop's dtype."""
+    out = check_model_output(eps_call(x, t_batch), x, k, t).to(dtype)
+    _check_finite(out, "eps_model", k, t)
+    return out
+
+
+def _reference_ddim_step(x, out, guidance, z, a_t, a_prev, *, eta, schedule,
+                         use_clipped_model_output):  # fmt: skip
+    """docs/ALGORITHM.md §3 steps 1, 6 and 7 for one DDIM step, as ``DDIMScheduler.step``
+    computes them: ``out`` is the model's raw output, ``guidance`` the term G of steps 2–5 (None:
+    G = 0), ``z`` the step noise (None when η = 0), ``a_t`` = ᾱ_t and ``a_prev`` = ᾱ'.
+
+    Its stages carry the markers that ``scripts/check_copies.py`` checks in every copy of the step
+    (``ops/_torch.py``, ``ops/_triton.py``, ``csrc/cpsample/step_math.h``).
+    """
+    b_t = 1 - a_t
+    b_prev = 1 - a_prev
+    # §3.1 x0 and eps from the model output (per prediction_type, as DDIMScheduler.step)
+    if schedule.prediction_type == "epsilon":
+        x0 = (x - b_t ** (0.5) * out) / a_t ** (0.5)
+        eps = out
+    elif schedule.prediction_type == "sample":
+        x0 = out
+        eps = (x - a_t ** (0.5) * x0) / b_t ** (0.5)
+    elif schedule.prediction_type == "v_prediction":
+        x0 = (a_t**0.5) * x - (b_t**0.5) * out
+        eps = (a_t**0.5) * out + (b_t**0.5) * x
+    else:
+        raise ValueError(f"unknown prediction_type {schedule.prediction_type!r}")
+
+    # §3.6a clip the model's own x0, exactly as diffusers does
+    x0_hat = x0
+    if schedule.clip_sample:
+        r_clip = schedule.clip_sample_range
+        x0_hat = x0_hat.clamp(-r_clip, r_clip)
+    # §3.6b guidance after the clip: x̂0 moves by -(√(1-ᾱ_t)/√ᾱ_t)·G and ε by +G whatever the
+    # clip did, so the guidance acts alike with or without clipping; G = 0 is diffusers' step
+    eps_hat = eps
+    if guidance is not None:
+        x0_hat = x0_hat - (b_t ** (0.5) / a_t ** (0.5)) * guidance
+        eps_hat = eps + guidance
+    # §3.6c use_clipped_model_output: ε̂ re-derived from the final x̂0
+    if use_clipped_model_output:
+        eps_hat = (x - a_t ** (0.5) * x0_hat) / b_t ** (0.5)
+
+    # §3.7 DDIM update (DDIMScheduler._get_variance and step)
+    variance = (b_prev / b_t) * (1 - a_t / a_prev)
+    std = eta * variance ** (0.5)
+    direction = (1 - a_prev - std**2) ** (0.5) * eps_hat
+    x = a_prev ** (0.5) * x0_hat + direction
+    if z is not None:
+        x = x + std * z
+    return x
+
+
+def _reference_ddim(
+    eps_model, protector, schedule, shape, opts, *, num_inference_steps, seed, noise, step_noise,
+    sample_offset, return_trace, device, dtype, callback,
+):  # fmt: skip
+    """The DDIM loop: per step the model (§3 step 1), the guidance term (steps 2–5) and
+    :func:`_reference_ddim_step` (steps 1, 6, 7), with the noise of §4."""
+    B, n = shape[0], num_inference_steps
     T = int(schedule.num_train_timesteps)
-    guided = protector is not None and scale > 0
     eps_call = ModelCaller(eps_model)
     prot_call = ModelCaller(protector) if protector is not None else None
-
     timesteps = schedule.timesteps(n)
     alphas_cumprod = schedule.alphas_cumprod.to(device=device, dtype=dtype)
     final_alpha = schedule.final_alpha_cumprod.to(device=device, dtype=dtype)
-
-    if noise is not None:
-        x = noise.to(device=device, dtype=dtype).clone()
-    else:
-        x = _noise.initial_noise(seed, shape, sample_offset=sample_offset, device=device).to(dtype)
+    x = _initial_x(noise, seed, shape, sample_offset, device, dtype)
     trace = SamplingTrace.empty(timesteps, B, device) if return_trace else None
 
     for k in range(n):
@@ -181,58 +225,24 @@ def reference_sample(
         t_prev = t - T // n
         a_t = alphas_cumprod[t]
         a_prev = alphas_cumprod[t_prev] if t_prev >= 0 else final_alpha
-        b_t = 1 - a_t
-        b_prev = 1 - a_prev
         t_batch = torch.full((B,), t, dtype=torch.long, device=device)
-
-        # 1. the model's prediction, converted to (x̂0, ε) exactly as DDIMScheduler.step does
-        out = check_model_output(eps_call(x, t_batch), x, k, t).to(dtype)
-        _check_finite(out, "eps_model", k, t)
-        if schedule.prediction_type == "epsilon":
-            x0 = (x - b_t ** (0.5) * out) / a_t ** (0.5)
-            eps = out
-        elif schedule.prediction_type == "sample":
-            x0 = out
-            eps = (x - a_t ** (0.5) * x0) / b_t ** (0.5)
-        elif schedule.prediction_type == "v_prediction":
-            x0 = (a_t**0.5) * x - (b_t**0.5) * out
-            eps = (a_t**0.5) * out + (b_t**0.5) * x
-        else:
-            raise ValueError(f"unknown prediction_type {schedule.prediction_type!r}")
-
-        # 2-5. protector, gate, guidance term G = s·√(1-ᾱ_t)·m·g
-        guidance = None
-        in_range = guidance_range is None or guidance_range[0] <= t <= guidance_range[1]
-        if guided and in_range:
-            guidance = _guidance_term(prot_call, x, t_batch, k, t, b_t ** (0.5), scale=scale,
-                                      alpha=alpha, mode=mode, trace=trace)  # fmt: skip
-
-        # 6. clip the model's own x̂0 as diffusers does, then guide (docs/ALGORITHM.md §3
-        # step 6): the guidance moves the pair consistently, x̂0 by -(√(1-ᾱ_t)/√ᾱ_t)·G and ε by
-        # +G, whatever the clip did, so it acts with or without clipping alike. G = 0 is
-        # diffusers' step.
-        x0_hat = x0
-        if schedule.clip_sample:
-            r_clip = schedule.clip_sample_range
-            x0_hat = x0_hat.clamp(-r_clip, r_clip)
-        eps_hat = eps
-        if guidance is not None:
-            x0_hat = x0_hat - (b_t ** (0.5) / a_t ** (0.5)) * guidance
-            eps_hat = eps + guidance
-        if use_clipped_model_output:
-            eps_hat = (x - a_t ** (0.5) * x0_hat) / b_t ** (0.5)
-
-        # 7. DDIM update (DDIMScheduler._get_variance and step)
-        variance = (b_prev / b_t) * (1 - a_t / a_prev)
-        std = eta * variance ** (0.5)
-        direction = (1 - a_prev - std**2) ** (0.5) * eps_hat
-        x = a_prev ** (0.5) * x0_hat + direction
-        if eta > 0:
+        out = _model_output(eps_call, x, t_batch, k, t, dtype)
+        guidance = None  # steps 2-5: G = s·√(1-ᾱ_t)·m·g
+        if opts.guides_at(t, protector is not None):
+            guidance = _guidance_term(prot_call, x, t_batch, k, t, (1 - a_t) ** (0.5),
+                                      scale=opts.scale, alpha=opts.alpha, mode=opts.mode,
+                                      trace=trace)  # fmt: skip
+        z = None
+        if opts.eta > 0:
             if step_noise is not None:
                 z = step_noise[k].to(device=device, dtype=dtype)
             else:
                 z = _noise.step_noise(seed, k, shape, sample_offset=sample_offset, device=device)
-            x = x + std * z.to(dtype)
+            z = z.to(dtype)
+        x = _reference_ddim_step(
+            x, out, guidance, z, a_t, a_prev, eta=opts.eta, schedule=schedule,
+            use_clipped_model_output=opts.use_clipped_model_output,
+        )  # fmt: skip
         _check_finite(x, "the update", k, t)
         if callback is not None:
             callback(k, t, x)
@@ -241,8 +251,8 @@ def reference_sample(
 
 
 def _reference_dpmsolver(
-    eps_model, protector, schedule, shape, *, num_inference_steps, scale, alpha, mode, seed,
-    noise, sample_offset, return_trace, device, dtype, guidance_range, callback,
+    eps_model, protector, schedule, shape, opts, *, num_inference_steps, seed, noise, step_noise,
+    sample_offset, return_trace, device, dtype, callback,
 ):  # fmt: skip
     """Protected DPM-Solver++(2M), diffusers' ``DPMSolverMultistepScheduler`` defaults, written out.
 
@@ -253,11 +263,9 @@ def _reference_dpmsolver(
     step 6 by construction); then the first-order update (step 0 and the last step) or the
     second-order midpoint update with the previous step's x̂0.
     """
-    if device is None:
-        device = noise.device if noise is not None else torch.device("cpu")
+    del step_noise  # η = 0: the solver draws no step noise
     B = shape[0]
     n = num_inference_steps
-    guided = protector is not None and scale > 0
     eps_call = ModelCaller(eps_model)
     prot_call = ModelCaller(protector) if protector is not None else None
     timesteps = dpm_timesteps(schedule, n)
@@ -272,10 +280,7 @@ def _reference_dpmsolver(
         a, s = alpha_sigma(sigma)
         return torch.log(a) - torch.log(s)
 
-    if noise is not None:
-        x = noise.to(device=device, dtype=dtype).clone()
-    else:
-        x = _noise.initial_noise(seed, shape, sample_offset=sample_offset, device=device).to(dtype)
+    x = _initial_x(noise, seed, shape, sample_offset, device, dtype)
     trace = SamplingTrace.empty(timesteps, B, device) if return_trace else None
     x0_prev = None
     for k in range(n):
@@ -283,27 +288,27 @@ def _reference_dpmsolver(
         t_batch = torch.full((B,), t, dtype=torch.long, device=device)
         alpha_s, sigma_s = alpha_sigma(sigmas[k])
 
-        # 1. the data prediction, as convert_model_output
-        out = check_model_output(eps_call(x, t_batch), x, k, t).to(dtype)
-        _check_finite(out, "eps_model", k, t)
+        out = _model_output(eps_call, x, t_batch, k, t, dtype)
+        # §3.1 x0 from the model output (the data prediction, as convert_model_output)
         if schedule.prediction_type == "epsilon":
             x0 = (x - sigma_s * out) / alpha_s
         elif schedule.prediction_type == "sample":
             x0 = out
         else:  # v_prediction
             x0 = alpha_s * x - sigma_s * out
-        if schedule.clip_sample:  # the model's own prediction, clipped; guidance acts after
+        # §3.6a clip the model's own x0
+        if schedule.clip_sample:
             x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
 
         # 2-5. protector, gate, G = s·σ_t·m·g (as in the DDIM loop)
-        in_range = guidance_range is None or guidance_range[0] <= t <= guidance_range[1]
-        if guided and in_range:
-            guidance = _guidance_term(prot_call, x, t_batch, k, t, sigma_s, scale=scale,
-                                      alpha=alpha, mode=mode, trace=trace)  # fmt: skip
-            if guidance is not None:  # 6. ε̂ = ε + G moves x̂0 by -(σ_t/α_t)·G
+        if opts.guides_at(t, protector is not None):
+            guidance = _guidance_term(prot_call, x, t_batch, k, t, sigma_s, scale=opts.scale,
+                                      alpha=opts.alpha, mode=opts.mode, trace=trace)  # fmt: skip
+            # §3.6b guidance after the clip: ε̂ = ε + G moves x̂0 by -(σ_t/α_t)·G
+            if guidance is not None:
                 x0 = x0 - (sigma_s / alpha_s) * guidance
 
-        # 7. DPM-Solver++ update (dpm_solver_first_order_update / the 2M midpoint update)
+        # DPM multistep update (dpm_solver_first_order_update / the 2M midpoint update)
         alpha_t, sigma_t = alpha_sigma(sigmas[k + 1])
         h = lam(sigmas[k + 1]) - lam(sigmas[k])
         if first_order[k]:

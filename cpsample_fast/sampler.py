@@ -16,20 +16,19 @@ import torch
 
 from . import noise as _noise
 from . import ops
-from .constants import PREDICTION_TYPE_IDS, SAMPLE_INDEX_LIMIT
+from .constants import PREDICTION_TYPE_IDS
 from .guidance import mode_id
 from .model_caller import ModelCaller
-from .solvers import check_solver, dpm_coef_table, dpm_timesteps
+from .sampling_options import as_int64, check_offset, resolve_sampling_options
+from .schedule_tables import ddim_coef_table
+from .solvers import dpm_coef_table, dpm_timesteps
+from .step_guidance import guidance_term
 from .trace import SamplingTrace
 from .validation import (
-    check_int,
     check_model_output,
     check_noise_args,
-    check_protector_output,
-    check_sampling_args,
     check_seed,
     check_shape,
-    resolve_guidance_args,
 )
 
 # Sources whose first non-finite step is recorded on the device, in this order.
@@ -43,35 +42,6 @@ class _Run:
     backend: str
     seed_backend: str
     side_stream: object = None
-
-
-def _scaled_guidance(g: torch.Tensor, scale_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``G = scale_t · g`` as a row-major float32 tensor like ``x``, in one pass over ``g``.
-
-    A channels_last protector (or one in bf16) returns its input gradient channels_last; the
-    fused update reads row-major memory, so the layout change is folded into the scaling the
-    step needs anyway instead of costing a copy inside the op. Compiled, inductor fuses the
-    product and the layout change into one kernel.
-    """
-    if torch.compiler.is_compiling():
-        return (g.float() * scale_t).contiguous()
-    if g.dtype != torch.float32:
-        g = g.float()  # bf16/fp16 products would round to the low precision
-    return torch.mul(g, scale_t, out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
-
-
-def _as_int64(value: int) -> int:
-    """A checked Python int in ``[0, 2**64)`` as the signed int64 the device tables hold (values
-    in ``[2**63, 2**64)`` wrap to the same 64 bits, which is what the Philox key reads)."""
-    return value - 2**64 if value >= 2**63 else value
-
-
-def _check_offset(sample_offset) -> int:
-    """``sample_offset`` is a sample index: an int in ``[0, 2**32)`` (Philox counter word c1)."""
-    value = check_int("sample_offset", sample_offset, lo=0)
-    if value >= SAMPLE_INDEX_LIMIT:
-        raise ValueError(f"sample_offset must be in [0, 2**32), got {value}")
-    return value
 
 
 class CPSampler:
@@ -94,14 +64,12 @@ class CPSampler:
         guidance_range: optional inclusive ``(t_min, t_max)`` of training timesteps where the
             protector is run; elsewhere the step skips it entirely (a static, per-step choice:
             use it where the protector's report shows it never reaches the gate, e.g. from
-            ``report.acting_range()``). Measured on the 2-core CPU, CIFAR-like config, batch 16,
-            10 steps: guiding only t < 300 (3 of 10 steps) takes 124.9 ms/step against 132.1 for
-            every step and 119.4 unguided — the protector's forward + backward is ~10% of a step.
+            ``report.acting_range()``); the steps outside save the protector's forward and
+            backward.
         streams: on CUDA, run the protector's forward + VJP on a side stream, overlapping the
             eps-model (eager mode only: ``torch.compile`` does not trace streams).
         compile_options: inductor options for ``compile``, e.g. ``{"freezing": True}``
-            (constant-folds the weights: on the 2-core CPU, CIFAR-like config, 1.15× vs 1.12×
-            the reference without it; the models' weights must not change afterwards).
+            (constant-folds the weights; the models' weights must not change afterwards).
         use_clipped_model_output: as diffusers' ``DDIMScheduler.step``: the direction term's ε̂
             is re-derived from the clipped x̂0, ``(x_t - √ᾱ_t·x̂0) / √(1-ᾱ_t)``, for every sample
             (default False: the model's ε, plus the guidance's clipped shift of x̂0 on guided
@@ -131,88 +99,46 @@ class CPSampler:
         use_clipped_model_output: bool = False,
         solver: str = "ddim",
     ):
-        scale, alpha = resolve_guidance_args(protector, scale, alpha)
-        check_sampling_args(
-            schedule,
-            num_inference_steps=num_inference_steps,
-            eta=eta,
-            scale=scale,
-            alpha=alpha,
-            mode=mode,
-        )
-        if not isinstance(use_clipped_model_output, bool):
-            raise TypeError(
-                f"use_clipped_model_output must be a bool, got {use_clipped_model_output!r}"
-            )
-        self.solver = check_solver(solver, eta=eta, num_inference_steps=num_inference_steps)
-        if self.solver != "ddim" and use_clipped_model_output:
-            raise ValueError(
-                f"use_clipped_model_output is a DDIM option; solver={solver!r} uses x̂0 only"
-            )
+        opts = resolve_sampling_options(
+            protector, schedule, num_inference_steps=num_inference_steps, eta=eta, scale=scale,
+            alpha=alpha, mode=mode, solver=solver,
+            use_clipped_model_output=use_clipped_model_output, guidance_range=guidance_range,
+        )  # fmt: skip
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-        if guidance_range is not None:
-            lo, hi = (int(v) for v in guidance_range)
-            if lo > hi:
-                raise ValueError(
-                    f"guidance_range must be (t_min, t_max), t_min <= t_max; got {guidance_range}"
-                )
-            guidance_range = (lo, hi)
+        if streams and compile:
+            raise ValueError("streams=True works in eager mode only; use compile=False with it")
         self.eps_model = eps_model
         self.protector = protector
         self.schedule = schedule
         self.num_inference_steps = num_inference_steps
-        self.eta = float(eta)
-        self.use_clipped_model_output = use_clipped_model_output
-        self.scale = float(scale)
-        self.alpha = float(alpha)
+        self.solver = opts.solver
+        self.eta = opts.eta
+        self.use_clipped_model_output = opts.use_clipped_model_output
+        self.scale = opts.scale
+        self.alpha = opts.alpha
         self.mode = mode
         self.backend = backend
         self.compile = compile
-        self.guidance_range = guidance_range
-        if streams and compile:
-            raise ValueError("streams=True works in eager mode only; use compile=False with it")
+        self.guidance_range = opts.guidance_range
         self.streams = bool(streams)
-        self._side_stream = None
         self._eps = ModelCaller(eps_model)
         self._prot = ModelCaller(protector) if protector is not None else None
         self._prediction = PREDICTION_TYPE_IDS[schedule.prediction_type]
         self._mode_id = mode_id(mode)
 
         n = num_inference_steps
-        self.timesteps = schedule.timesteps(n)  # [n] int64, host
-        c = schedule.step_coefficients(n, self.eta)
-        clip = torch.full((n,), float(schedule.clip_sample_range), dtype=torch.float32)
-        # [n, 6]: (√ᾱ_t, √(1-ᾱ_t), √ᾱ', √(1-ᾱ'-σ²), σ, clip range) — the update op's `coefs`
-        self._coef_table = (
-            torch.stack(
-                [
-                    c["sqrt_alpha"],
-                    c["sqrt_one_minus_alpha"],
-                    c["sqrt_alpha_prev"],
-                    c["dir_coef"],
-                    c["sigma"],
-                    clip,
-                ],
-                dim=1,
-            )
-            .to(torch.float32)
-            .contiguous()
-        )
-        # [n]: s·√(1-ᾱ_t), the seed op's scale
-        self._scale_table = (self.scale * c["sqrt_one_minus_alpha"]).to(torch.float32)
-        if self.solver != "ddim":
-            # multistep: its own timesteps; [n, 7] rows of the dpm_update op's `coefs`; the
-            # guidance scale s·σ_t in the solver's own σ_t (solvers.py)
+        if self.solver == "ddim":
+            self.timesteps = schedule.timesteps(n)  # [n] int64, host
+            self._coef_table = ddim_coef_table(schedule, n, self.eta)  # [n, 6]
+        else:  # multistep: its own timesteps; [n, 7] rows of the dpm_update op's `coefs`
             self.timesteps = dpm_timesteps(schedule, n)
             self._coef_table = dpm_coef_table(schedule, n)
-            self._scale_table = (self.scale * self._coef_table[:, 1]).to(torch.float32)
+        # [n]: s·√(1-ᾱ_t) (DDIM) or s·σ_t in the solver's own σ_t, the seed op's scale; column 1
+        # of both tables is that noise level
+        self._scale_table = (self.scale * self._coef_table[:, 1]).to(torch.float32)
         # Static per-step choice (known on the host before the loop): run the protector?
-        guided = protector is not None and self.scale > 0
-        self._guided_steps = [
-            guided and (guidance_range is None or guidance_range[0] <= int(t) <= guidance_range[1])
-            for t in self.timesteps
-        ]
+        self._guided_steps = [opts.guides_at(int(t), protector is not None) for t in self.timesteps]
         self._tables: dict = {}
         self._compiled = {}
         # torch.compile backend; tests swap in a graph counter to check "one graph, all steps"
@@ -321,39 +247,13 @@ class CPSampler:
         return out.to(dtype=torch.float32, memory_format=torch.contiguous_format)
 
     def _guidance(self, x, t, k1, tables, guided: bool, run: _Run):
-        """docs/ALGORITHM.md §3 steps 2–5: logits, confidence, gate and the scaled guidance term G.
-
-        One vector-Jacobian product of the logits (input gradient only; the weights get none),
-        seeded with ``m·w(f)·sign(f)`` from the ``cpsample::guidance_seed`` op, then scaled by
-        ``s·√(1-ᾱ_t)`` in float32: seeding with the scaled ``c_b`` would push values ~1e3 times
-        larger through a low-precision protector's backward (fp16 overflows to inf).
-        """
+        """docs/ALGORITHM.md §3 steps 2–5: ``(logits, confidence, gate, G, finite_f)``
+        (:func:`~cpsample_fast.step_guidance.guidance_term`)."""
         if not guided:
             return None, None, None, None, torch.ones((), dtype=torch.bool, device=x.device)
-        B = x.shape[0]
-
-        def logits_of(x_in):
-            return check_protector_output(self._prot(x_in, t), B, None, None).float()
-
         scale_t = tables["scale"].index_select(0, k1).reshape(())
-        one = tables["one"]
-        if torch.compiler.is_compiling():
-            # torch.func.vjp traces into one fullgraph (autograd.grad would break the graph)
-            f, vjp_fn = torch.func.vjp(logits_of, x)
-            c, q, m = ops.guidance_seed(f, one, self.alpha, self._mode_id, backend=run.seed_backend)
-            (g,) = vjp_fn(c)
-        else:
-            # eager: plain autograd is ~10-15% faster than functorch's vjp for the protector's
-            # forward+backward (CPU, cifar ProtectorNet, batch 16: ~19.5 vs ~22.5 ms)
-            with torch.enable_grad():
-                x_in = x.detach().requires_grad_(True)
-                f = logits_of(x_in)
-                c, q, m = ops.guidance_seed(
-                    f.detach(), one, self.alpha, self._mode_id, backend=run.seed_backend
-                )
-                (g,) = torch.autograd.grad(f, x_in, grad_outputs=c)
-            f = f.detach()
-        return f, q, m, _scaled_guidance(g, scale_t, x), torch.isfinite(f).all()
+        return guidance_term(self._prot, x, t, scale_t, tables["one"], self.alpha, self._mode_id,
+                             seed_backend=run.seed_backend)  # fmt: skip
 
     # ------------------------------------------------------------------ helpers
     def _device_tables(self, device) -> dict:
@@ -463,7 +363,7 @@ class CPSampler:
 
         B = shape[0]
         rng_base = torch.tensor(
-            [_as_int64(check_seed("seed", seed)), _as_int64(_check_offset(sample_offset))],
+            [as_int64(check_seed("seed", seed)), as_int64(check_offset(sample_offset))],
             dtype=torch.int64,
             device=device,
         )

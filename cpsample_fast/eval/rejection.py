@@ -136,6 +136,41 @@ def check_protector_shape(protector, image_shape, *, device=None) -> None:
         ) from None
 
 
+def _check_rejection_args(
+    eps_model, protector, schedule, n, *, alpha, sample_shape, max_draws, batch_size,
+    score_timestep,
+):  # fmt: skip
+    """Check :func:`rejection_sample`'s arguments; returns ``(max_draws, sample_shape)`` with
+    their defaults filled in (``100 · n`` draws; the shape from the model's config)."""
+    try:
+        check_alpha(alpha)
+    except ValueError as err:
+        raise ValueError(f"rejection_sample: {err}") from None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if max_draws is None:
+        max_draws = 100 * n
+    if isinstance(max_draws, bool) or not isinstance(max_draws, int) or max_draws < n:
+        raise ValueError(
+            f"max_draws (the draw budget) must be an int >= n = {n}, got {max_draws!r}"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    T = int(schedule.num_train_timesteps)
+    if not 0 <= int(score_timestep) < T:
+        raise ValueError(f"score_timestep must be in [0, {T - 1}], got {score_timestep}")
+    if protector is None:
+        raise ValueError("rejection_sample needs a protector to score the samples")
+    if sample_shape is None:
+        sample_shape = _image_shape_of(eps_model)
+        if sample_shape is None:
+            raise ValueError("sample_shape (C, H, W) must be given: the model's config lacks it")
+    sample_shape = tuple(int(s) for s in sample_shape)
+    if len(sample_shape) != 3 or min(sample_shape) < 1:
+        raise ValueError(f"sample_shape must be (C, H, W), got {sample_shape}")
+    return max_draws, sample_shape
+
+
 def rejection_sample(
     eps_model,
     protector,
@@ -183,32 +218,10 @@ def rejection_sample(
     """
     from ..sampler import CPSampler
 
-    try:
-        check_alpha(alpha)
-    except ValueError as err:
-        raise ValueError(f"rejection_sample: {err}") from None
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if max_draws is None:
-        max_draws = 100 * n
-    if isinstance(max_draws, bool) or not isinstance(max_draws, int) or max_draws < n:
-        raise ValueError(
-            f"max_draws (the draw budget) must be an int >= n = {n}, got {max_draws!r}"
-        )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    T = int(schedule.num_train_timesteps)
-    if not 0 <= int(score_timestep) < T:
-        raise ValueError(f"score_timestep must be in [0, {T - 1}], got {score_timestep}")
-    if protector is None:
-        raise ValueError("rejection_sample needs a protector to score the samples")
-    if sample_shape is None:
-        sample_shape = _image_shape_of(eps_model)
-        if sample_shape is None:
-            raise ValueError("sample_shape (C, H, W) must be given: the model's config lacks it")
-    sample_shape = tuple(int(s) for s in sample_shape)
-    if len(sample_shape) != 3 or min(sample_shape) < 1:
-        raise ValueError(f"sample_shape must be (C, H, W), got {sample_shape}")
+    max_draws, sample_shape = _check_rejection_args(
+        eps_model, protector, schedule, n, alpha=alpha, sample_shape=sample_shape,
+        max_draws=max_draws, batch_size=batch_size, score_timestep=score_timestep,
+    )  # fmt: skip
     sampler = CPSampler(
         eps_model,
         None,

@@ -16,55 +16,31 @@ host, and compiled code never recompiles per step.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ..constants import PREDICTION_TYPE_IDS, prediction_type_id
-from . import _backends, _torch
+from . import _torch
 from . import _triton as _triton_impl
-from ._backends import _BUILD_HINT, BACKENDS, resolve_backend
+from ._backends import resolve_backend
+from ._checks import (
+    backend_table,
+    check_like_x,
+    check_options,
+    check_small,
+    check_x,
+    prediction_id,
+    row_major,
+)
 
 NUM_COEFS = 6  # sa, s1, sp, d, sigma, clip_range
 NUM_RNG = 3  # seed, step, sample_offset
 _MAX_NUMEL_PER_SAMPLE = 1 << 32  # Philox counter word c0 is 32 bits
 
-# ---------------------------------------------------------------------------------------------
-# Argument checks (metadata only: no host sync, traceable by dynamo)
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_like_x(t: torch.Tensor, name: str, x: torch.Tensor, contiguous: bool = True) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"guided_update: {name} must be a tensor or None, got {type(t).__name__}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"guided_update: {name} must be float32, got {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"guided_update: {name} must be on {x.device} like x, got {t.device}")
-    if t.shape != x.shape:
-        raise ValueError(
-            f"guided_update: {name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}"
-        )
-    if contiguous and not t.is_contiguous():
-        raise ValueError(f"guided_update: {name} must be contiguous (call .contiguous())")
-
-
-def _check_small(
-    t: torch.Tensor, name: str, dtype: torch.dtype, numel: int, x: torch.Tensor, what: str
-) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"guided_update: {name} must be a {dtype} tensor [{numel}] {what}")
-    if t.dtype != dtype:
-        raise TypeError(f"guided_update: {name} must be {dtype} {what}, got {t.dtype}")
-    if t.dim() != 1 or t.shape[0] != numel:
-        raise ValueError(
-            f"guided_update: {name} must have shape [{numel}] {what}, got {tuple(t.shape)}"
-        )
-    if t.device != x.device:
-        raise ValueError(
-            f"guided_update: {name} must be on {x.device} like x (kernels read it there without "
-            f"a host sync), got {t.device}"
-        )
-    if not t.is_contiguous():
-        raise ValueError(f"guided_update: {name} must be contiguous")
+# Argument checks (metadata only: no host sync, traceable by dynamo), in ``_checks.py``; these two
+# keep their old names for the callers that import them from here.
+_check_like_x = functools.partial(check_like_x, "guided_update")
+_check_small = functools.partial(check_small, "guided_update")
 
 
 def check_guided_update_args(
@@ -88,39 +64,17 @@ def check_guided_update_args(
     its inputs row-major itself, a no-op for the contiguous tensors the sampler passes.
     ``contiguous=True`` insists on row-major inputs (what the kernels themselves read).
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"guided_update: x must be a tensor, got {type(x).__name__}")
-    if x.dtype != torch.float32:
-        raise TypeError(f"guided_update: x must be float32, got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("guided_update: x must have a batch dimension [B, ...], got a 0-d tensor")
-    if contiguous and not x.is_contiguous():
-        raise ValueError("guided_update: x must be contiguous (call .contiguous())")
-    _check_like_x(model_out, "model_out", x, contiguous)
-    if guidance is not None:
-        _check_like_x(guidance, "guidance", x, contiguous)
-    if noise is not None:
-        _check_like_x(noise, "noise", x, contiguous)
-    _check_small(coefs, "coefs", torch.float32, NUM_COEFS, x, "(sa, s1, sp, d, sigma, clip_range)")
-    _check_small(rng, "rng", torch.int64, NUM_RNG, x, "(seed, step, sample_offset)")
-    if isinstance(prediction_type, bool) or not isinstance(prediction_type, int):
-        raise TypeError(f"guided_update: prediction_type must be an int, got {prediction_type!r}")
-    if prediction_type not in PREDICTION_TYPE_IDS.values():
-        raise ValueError(
-            "guided_update: prediction_type must be 0 (epsilon), 1 (v_prediction) or 2 (sample), "
-            f"got {prediction_type}"
-        )
-    if not isinstance(clip_sample, bool):
-        raise TypeError(f"guided_update: clip_sample must be a bool, got {clip_sample!r}")
-    if not isinstance(draw_noise, bool):
-        raise TypeError(f"guided_update: draw_noise must be a bool, got {draw_noise!r}")
-    if not isinstance(use_clipped_model_output, bool):
-        raise TypeError(
-            "guided_update: use_clipped_model_output must be a bool, got "
-            f"{use_clipped_model_output!r}"
-        )
-    if backend not in BACKENDS:
-        raise ValueError(f"guided_update: backend must be one of {BACKENDS}, got {backend!r}")
+    op = "guided_update"
+    check_x(op, x, contiguous)
+    check_like_x(op, model_out, "model_out", x, contiguous)
+    for name, t in (("guidance", guidance), ("noise", noise)):
+        if t is not None:
+            check_like_x(op, t, name, x, contiguous)
+    check_small(op, coefs, "coefs", torch.float32, NUM_COEFS, x,
+                "(sa, s1, sp, d, sigma, clip_range)")  # fmt: skip
+    check_small(op, rng, "rng", torch.int64, NUM_RNG, x, "(seed, step, sample_offset)")
+    check_options(op, prediction_type, clip_sample, backend, draw_noise=draw_noise,
+                  use_clipped_model_output=use_clipped_model_output)  # fmt: skip
     n = x.numel() // x.shape[0] if x.shape[0] > 0 else 0
     if n >= _MAX_NUMEL_PER_SAMPLE:
         raise ValueError(
@@ -129,25 +83,7 @@ def check_guided_update_args(
         )
 
 
-def _run_ext(
-    x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise,
-    use_clipped_model_output=False,
-):  # fmt: skip
-    ext = _backends.get_ext()
-    if ext is None:  # resolved earlier, but the module may have been unloaded since
-        raise RuntimeError(f"cpsample_fast._C is not built; {_BUILD_HINT}")
-    return ext.guided_update(
-        x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise,
-        use_clipped_model_output,
-    )  # fmt: skip
-
-
-_IMPLS = {
-    "torch": _torch.guided_update,
-    "triton": _triton_impl.guided_update,
-    "cpp": _run_ext,
-    "cuda": _run_ext,
-}
+_IMPLS = backend_table(_torch.guided_update, _triton_impl.guided_update, "guided_update")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,9 +107,7 @@ def _guided_update_op(
     # Arguments were checked once by the wrapper (eager) or the fake (tracing); the body trusts
     # them. Row-major for the kernels (the Philox counter is the row-major element index): no-ops
     # for the sampler's tensors, one copy for a caller's channels_last ones.
-    x, model_out = x.contiguous(), model_out.contiguous()
-    guidance = None if guidance is None else guidance.contiguous()
-    noise = None if noise is None else noise.contiguous()
+    x, model_out, guidance, noise = row_major(x, model_out, guidance, noise)
     impl = _IMPLS[resolve_backend(backend, x.device)]
     return impl(x, model_out, guidance, noise, coefs, rng, prediction_type, clip_sample, draw_noise,
                 use_clipped_model_output)  # fmt: skip
@@ -255,11 +189,7 @@ def guided_update(
     Returns:
         float32 ``[B, ...]``: ``x_{t'}``.
     """
-    if isinstance(prediction_type, str):
-        try:
-            prediction_type = prediction_type_id(prediction_type)
-        except ValueError as err:
-            raise ValueError(f"guided_update: {err}") from None
+    prediction_type = prediction_id("guided_update", prediction_type)
     opts = (prediction_type, clip_sample, draw_noise, backend)
     check_guided_update_args(
         x, model_out, guidance, noise, coefs, rng, *opts,

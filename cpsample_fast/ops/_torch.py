@@ -53,15 +53,20 @@ def guided_update(
         float32 ``[B, ...]``: ``x_{t'} = sp·x̂0 + d·ε̂ + σ·z``.
     """
     sa, s1, sp, d, sigma, clip_range = coefs.unbind(0)
+    # §3.1 x0 and eps from the model output
     x0, eps = _x0_eps(x, model_out, sa, s1, prediction_type)
+    # §3.6a clip the model's own x0
     if clip_sample:
         x0 = torch.clamp(x0, -clip_range, clip_range)
+    # §3.6b guidance after the clip: x0 - (s1/sa)·G == (x - s1·(ε + G))/sa for an unclipped x̂0,
+    # without cancelling two large terms
     if guidance is not None:
-        # == (x - s1·(ε + G))/sa for an unclipped x̂0, without cancelling two large terms.
         x0 = x0 - (s1 / sa) * guidance
         eps = eps + guidance
+    # §3.6c use_clipped_model_output: eps from the final x0
     if use_clipped_model_output:
         eps = (x - sa * x0) / s1
+    # §3.7 DDIM update: sp·x0 + d·eps + sigma·z
     out = sp * x0 + d * eps
     if noise is None and draw_noise:
         seed, step, sample_offset = rng.unbind(0)
@@ -97,22 +102,28 @@ def guided_update_backward(
     if prediction_type not in (PREDICTION_EPSILON, PREDICTION_V, PREDICTION_SAMPLE):
         raise ValueError(f"prediction_type must be 0, 1 or 2, got {prediction_type}")
     grad_x_direct = None
-    if use_clipped_model_output:  # out = (sp - d·sa/s1)·x̂0 + (d/s1)·x
+    # §3.7 DDIM update (backward): dL/dx̂0 = sp·gy, dL/dε̂ = d·gy, dL/dz = sigma·gy
+    grad_z = grad_out * sigma
+    # §3.6c use_clipped_model_output (backward): out = (sp - d·sa/s1)·x̂0 + (d/s1)·x
+    if use_clipped_model_output:
         g_x0_hat = grad_out * (sp - d * sa / s1)
         grad_x_direct = grad_out * (d / s1)
         g_eps = torch.zeros_like(grad_out)
     else:
         g_x0_hat = grad_out * sp
         g_eps = grad_out * d  # dL/dε̂ = dL/dε (ε̂ = ε + G)
+    # §3.6b guidance after the clip (backward): dL/dG
     grad_g = -(s1 / sa) * g_x0_hat
     if not use_clipped_model_output:
         grad_g = grad_g + g_eps
     g_x0 = g_x0_hat  # dL/dx0 of the model's own x0
+    # §3.6a clip the model's own x0 (backward): the clamp passes the gradient inside ±c
     if clip_sample:
         # Recompute the model's x̂0 (noise and G do not enter it) only to know where the clamp
         # was active.
         x0, _ = _x0_eps(x, model_out, sa, s1, prediction_type)
         g_x0 = g_x0 * ((x0 >= -clip_range) & (x0 <= clip_range))
+    # §3.1 x0 and eps from the model output (backward): the chain rule per prediction type
     if prediction_type == PREDICTION_EPSILON:  # x0 = (x - s1·o)/sa, ε = o
         grad_x = g_x0 / sa
         grad_o = g_eps - (s1 / sa) * g_x0
@@ -124,7 +135,6 @@ def guided_update_backward(
         grad_o = g_x0 - (sa / s1) * g_eps
     if grad_x_direct is not None:
         grad_x = grad_x + grad_x_direct
-    grad_z = grad_out * sigma
     return grad_x, grad_o, grad_g, grad_z
 
 
@@ -161,6 +171,7 @@ def dpm_update(
         ``(x_{t'}, x0)``, float32 like ``x``.
     """
     alpha_s, sigma_s, A, B, C, R, clip_range = coefs.unbind(0)
+    # §3.1 x0 from the model output
     if prediction_type == PREDICTION_EPSILON:
         x0 = (x - sigma_s * model_out) / alpha_s
     elif prediction_type == PREDICTION_V:
@@ -169,9 +180,12 @@ def dpm_update(
         x0 = model_out.clone()
     else:
         raise ValueError(f"prediction_type must be 0, 1 or 2, got {prediction_type}")
-    if clip_sample:  # the model's own prediction; the guidance acts after the clip
+    # §3.6a clip the model's own x0
+    if clip_sample:
         x0 = torch.clamp(x0, -clip_range, clip_range)
+    # §3.6b guidance after the clip: x0 - (σ_s/α_s)·G
     if guidance is not None:
         x0 = x0 - (sigma_s / alpha_s) * guidance
+    # DPM multistep update, in diffusers' operation order
     out = (A * x - B * x0) - C * (R * (x0 - x0_prev))
     return out, x0

@@ -95,6 +95,22 @@ if triton is not None:
         return tl.where(v > c, c, v)
 
     @triton.jit
+    def _x0_eps(x, o, sa, s1, PREDICTION_TYPE: tl.constexpr):
+        """The model's own ``(x̂0, ε)`` per prediction type (0 epsilon, 1 v, 2 sample), as
+        ``_torch._x0_eps``; ``sa``/``s1`` are the multistep solver's α_s/σ_s there (an unused ε
+        is dropped by the compiler)."""
+        if PREDICTION_TYPE == 0:
+            eps = o
+            x0 = tl.math.div_rn(x - s1 * o, sa)
+        elif PREDICTION_TYPE == 1:
+            x0 = sa * x - s1 * o
+            eps = sa * o + s1 * x
+        else:
+            x0 = o
+            eps = tl.math.div_rn(x - sa * o, s1)
+        return x0, eps
+
+    @triton.jit
     def _guided_update_kernel(
         x_ptr,  # [B, N] float32, x_t
         o_ptr,  # [B, N] float32, model output
@@ -126,25 +142,21 @@ if triton is not None:
         sigma = tl.load(coefs_ptr + 4)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         o = tl.load(o_ptr + offs, mask=mask, other=0.0)
-        if PREDICTION_TYPE == 0:
-            eps = o
-            x0 = tl.math.div_rn(x - s1 * o, sa)
-        elif PREDICTION_TYPE == 1:
-            x0 = sa * x - s1 * o
-            eps = sa * o + s1 * x
-        else:
-            x0 = o
-            eps = tl.math.div_rn(x - sa * o, s1)
-        # guidance after the clip (docs/CONTRACTS.md "The fused update")
+        # §3.1 x0 and eps from the model output
+        x0, eps = _x0_eps(x, o, sa, s1, PREDICTION_TYPE)
+        # §3.6a clip the model's own x0 (docs/CONTRACTS.md "The fused update")
         if CLIP_SAMPLE:
             c = tl.load(coefs_ptr + 5)
             x0 = _clamp_keep_nan(x0, c)
+        # §3.6b guidance after the clip: the (x0, eps) pair moves consistently
         if HAS_GUIDANCE:
             g = tl.load(g_ptr + offs, mask=mask, other=0.0)
             x0 = x0 - tl.math.div_rn(s1, sa) * g
             eps = eps + g
+        # §3.6c use_clipped_model_output: eps from the final x0
         if CLIPPED_EPS:
             eps = tl.math.div_rn(x - sa * x0, s1)
+        # §3.7 DDIM update: sp·x0 + d·eps + sigma·z
         out = sp * x0 + d * eps
         if NOISE_MODE == 1:
             z = tl.load(z_ptr + offs, mask=mask, other=0.0)
@@ -195,17 +207,16 @@ if triton is not None:
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         o = tl.load(o_ptr + offs, mask=mask, other=0.0)
         prev = tl.load(prev_ptr + offs, mask=mask, other=0.0)
-        if PREDICTION_TYPE == 0:
-            x0 = tl.math.div_rn(x - sigma_s * o, alpha_s)
-        elif PREDICTION_TYPE == 1:
-            x0 = alpha_s * x - sigma_s * o
-        else:
-            x0 = o
-        if CLIP_SAMPLE:  # the model's own prediction; the guidance acts after the clip
+        # §3.1 x0 from the model output
+        x0, _ = _x0_eps(x, o, alpha_s, sigma_s, PREDICTION_TYPE)
+        # §3.6a clip the model's own x0
+        if CLIP_SAMPLE:
             x0 = _clamp_keep_nan(x0, tl.load(coefs_ptr + 6))
+        # §3.6b guidance after the clip: x0 - (sigma_s/alpha_s)·G
         if HAS_GUIDANCE:
             g = tl.load(g_ptr + offs, mask=mask, other=0.0)
             x0 = x0 - tl.math.div_rn(sigma_s, alpha_s) * g
+        # DPM multistep update, in diffusers' operation order
         out = (A * x - B * x0) - C * (R * (x0 - prev))
         tl.store(out_ptr + offs, out, mask=mask)
         tl.store(x0_ptr + offs, x0, mask=mask)

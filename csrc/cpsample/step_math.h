@@ -119,6 +119,7 @@ template <int P, bool CLIP, bool HAS_G, bool CLIPPED_EPS>
 CPSAMPLE_HD float guided_update_element(float x, float o, float g, float z, const StepCoefs& c) {
   float x0;
   float eps;
+  // §3.1 x0 and eps from the model output
   if (P == kEpsilon) {
     eps = o;
     x0 = (x - c.s1 * o) / c.sa;
@@ -129,14 +130,16 @@ CPSAMPLE_HD float guided_update_element(float x, float o, float g, float z, cons
     x0 = c.sa * x - c.s1 * o;
     eps = c.sa * o + c.s1 * x;
   }
-  // guidance after the clip: the clip acts on the model's own x̂0 as in diffusers' step, and
-  // the guidance moves the (x̂0, ε) pair consistently whatever the clip did
+  // §3.6a clip the model's own x0, as in diffusers' step
   if (CLIP) x0 = clamp_keep_nan(x0, c.clip);
+  // §3.6b guidance after the clip: the (x0, eps) pair moves consistently whatever the clip did
   if (HAS_G) {
     x0 = x0 - (c.s1 / c.sa) * g;
     eps = eps + g;
   }
+  // §3.6c use_clipped_model_output: eps from the final x0
   if (CLIPPED_EPS) eps = (x - c.sa * x0) / c.s1;
+  // §3.7 DDIM update: sp*x0 + d*eps + sigma*z
   return c.sp * x0 + c.d * eps + c.sigma * z;
 }
 
@@ -160,6 +163,7 @@ template <int P, bool CLIP, bool HAS_G>
 CPSAMPLE_HD float dpm_update_element(float x, float o, float g, float x0_prev, const DpmCoefs& c,
                                      float* x0_out) {
   float x0;
+  // §3.1 x0 from the model output
   if (P == kEpsilon) {
     x0 = (x - c.sigma_s * o) / c.alpha_s;
   } else if (P == kSample) {
@@ -167,9 +171,12 @@ CPSAMPLE_HD float dpm_update_element(float x, float o, float g, float x0_prev, c
   } else {  // kVPrediction
     x0 = c.alpha_s * x - c.sigma_s * o;
   }
-  if (CLIP) x0 = clamp_keep_nan(x0, c.clip);  // the model's own prediction; guidance after
+  // §3.6a clip the model's own x0
+  if (CLIP) x0 = clamp_keep_nan(x0, c.clip);
+  // §3.6b guidance after the clip: x0 - (sigma_s/alpha_s)*g
   if (HAS_G) x0 = x0 - (c.sigma_s / c.alpha_s) * g;
   *x0_out = x0;
+  // DPM multistep update, in diffusers' operation order
   const float d1 = c.R * (x0 - x0_prev);
   return (c.A * x - c.B * x0) - c.C * d1;
 }
