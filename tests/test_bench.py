@@ -241,6 +241,25 @@ def test_device_check_script_parses_and_its_report_reads_the_quick_run(quick_run
     assert (tmp_path / "summary.txt").read_text().strip() == proc.stdout.strip()
 
 
+def test_matched_table_times_the_shipped_settings_and_shows_their_evidence():
+    """At the recorded step counts each sampler runs with its own shipped settings file, and the
+    quality columns are that file's pooled evidence (scripts/dpm_quality_match.py)."""
+    from cpsample_fast.bench.matched import DPM_SETTINGS, run_matched_bench
+    from cpsample_fast.models.digits import ASSET_DIR
+
+    dpm = json.loads((ASSET_DIR / DPM_SETTINGS).read_text())
+    res = run_matched_bench(torch.device("cpu"), batch=2, repeats=1, warmup=0)
+    assert res.table.startswith("quality matched:")
+    assert res.summary["quality_matched"] is True
+    assert res.summary["dpm_steps"] == dpm["sampler"]["num_inference_steps"] < 50
+    assert res.summary["guidance"]["dpmsolver++"]["scale"] == dpm["sampler"]["scale"]
+    row = next(ln.split() for ln in res.table.splitlines() if ln.startswith("dpmsolver++"))
+    fd = dpm["tuned"]["search"]["protected"]["frechet"]
+    assert float(row[7]) == pytest.approx(fd, abs=0.006)
+    held = dpm["tuned"]["holdout"]  # the recorded match held on seeds the search never saw
+    assert held["matched"] and held["fd_ratio"] <= 1.05 and held["cut_blurred_diff_pp"] >= -2
+
+
 def test_matched_suite_prints_the_quality_matched_table(tmp_path, capsys):
     """`--suite matched`: protected DDIM and DPM-Solver++ on the demo model, one table, CSV rows."""
     out = tmp_path / "matched"
@@ -248,11 +267,12 @@ def test_matched_suite_prints_the_quality_matched_table(tmp_path, capsys):
             "--matched-steps", "2", "--out", str(out)]  # fmt: skip
     assert cli_main(argv) == 0
     text = capsys.readouterr().out
-    assert "quality matched" in text
+    assert "NOT the quality-matched step counts" in text  # 4 and 2 steps were not measured
     lines = [ln.split() for ln in text.splitlines()]
     names = {ln[0]: ln for ln in lines if ln and ln[0] in ("ddim", "dpmsolver++")}
     assert names["ddim"][1] == "4" and names["dpmsolver++"][1] == "2"
-    assert float(names["ddim"][4]) == 1.0 and float(names["dpmsolver++"][2]) > 0
+    assert float(names["ddim"][6]) == 1.0 and float(names["dpmsolver++"][4]) > 0
+    assert names["ddim"][7:] == ["-", "-", "-"]  # no recorded quality for unmeasured counts
     rows = [r for r in read_csv(out / "bench.csv") if r["op"] == "sample_matched"]
     assert sorted(r["provider"] for r in rows) == ["ddim-4", "dpmsolver++-2"]
     (report,) = [json.loads(p.read_text()) for p in out.glob("bench_matched_*.json")]
