@@ -72,9 +72,7 @@ def _check_sampler(d: Mapping[str, Any]) -> dict:
         "num_inference_steps": int(d["num_inference_steps"]),
         "eta": float(d["eta"]),
         "solver": str(d.get("solver", SAMPLER_DEFAULTS["solver"])),
-        "final_sigmas_type": str(
-            d.get("final_sigmas_type", SAMPLER_DEFAULTS["final_sigmas_type"])
-        ),
+        "final_sigmas_type": str(d.get("final_sigmas_type", SAMPLER_DEFAULTS["final_sigmas_type"])),
     }
 
 

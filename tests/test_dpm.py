@@ -133,9 +133,7 @@ def test_final_sigmas_type_sigma_min_equals_diffusers(n, guided):
     for backend in ("torch", "cpp"):
         if backend not in ops.available_backends("cpu"):
             continue
-        fast = cps.CPSampler(eps, prot, sched, backend=backend, **opts).sample(
-            x_T.shape, noise=x_T
-        )
+        fast = cps.CPSampler(eps, prot, sched, backend=backend, **opts).sample(x_T.shape, noise=x_T)
         assert _rel(fast, want) <= tol, backend
 
 
@@ -443,4 +441,3 @@ def test_cli_final_sigmas_type(tmp_path, capsys):
 
     result = json.loads((out / "sample.json").read_text())
     assert result["solver"] == "dpmsolver++" and result["final_sigmas_type"] == "sigma_min"
-
