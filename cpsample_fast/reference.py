@@ -90,6 +90,7 @@ def reference_sample(
     callback=None,
     use_clipped_model_output: bool = False,
     solver: str = "ddim",
+    final_sigmas_type: str = "zero",
 ):
     """Protected DDIM sampling, docs/ALGORITHM.md §3 steps 1–7, eagerly and one obvious operation
     at a time.
@@ -120,6 +121,9 @@ def reference_sample(
         solver: ``"ddim"`` (default) or ``"dpmsolver++"``: diffusers' DPMSolverMultistepScheduler
             with its defaults (second order, ``η = 0``, ``num_inference_steps >= 2``; see
             ``cpsample_fast.solvers``); the guidance enters as in DDIM, through x̂0.
+        final_sigmas_type: DPM-Solver++ only, as diffusers' option: ``"zero"`` (default: the last
+            step lands on σ = 0, first order) or ``"sigma_min"`` (it lands on σ at t = 0; the
+            last step stays second order from 15 steps on).
 
     Returns:
         The final images ``[B, C, H, W]``, and the trace when ``return_trace``.
@@ -127,7 +131,7 @@ def reference_sample(
     opts = resolve_sampling_options(
         protector, schedule, num_inference_steps=num_inference_steps, eta=eta, scale=scale,
         alpha=alpha, mode=mode, solver=solver, use_clipped_model_output=use_clipped_model_output,
-        guidance_range=guidance_range,
+        guidance_range=guidance_range, final_sigmas_type=final_sigmas_type,
     )  # fmt: skip
     shape = check_shape(shape)
     check_noise_args(shape, num_inference_steps, noise, step_noise)
@@ -269,8 +273,9 @@ def _reference_dpmsolver(
     eps_call = ModelCaller(eps_model)
     prot_call = ModelCaller(protector) if protector is not None else None
     timesteps = dpm_timesteps(schedule, n)
-    sigmas = dpm_sigmas(schedule, n).to(device=device, dtype=dtype)  # [n + 1], last 0
-    first_order = dpm_first_order(n)
+    final = opts.final_sigmas_type
+    sigmas = dpm_sigmas(schedule, n, final).to(device=device, dtype=dtype)  # [n + 1]
+    first_order = dpm_first_order(n, final)
 
     def alpha_sigma(sigma):  # diffusers' _sigma_to_alpha_sigma_t
         a = 1 / ((sigma**2 + 1) ** 0.5)

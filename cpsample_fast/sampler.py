@@ -78,6 +78,8 @@ class CPSampler:
             defaults (second-order multistep, η = 0, ``num_inference_steps >= 2``), one fused
             ``cpsample::dpm_update`` per step carrying the previous x̂0 as a tensor
             (``cpsample_fast.solvers``; docs/CONTRACTS.md "The multistep update").
+        final_sigmas_type: DPM-Solver++ only, as diffusers' option: ``"zero"`` (default) or
+            ``"sigma_min"`` (the last step lands on σ at t = 0 instead of 0).
     """
 
     def __init__(
@@ -98,11 +100,13 @@ class CPSampler:
         compile_options: dict | None = None,
         use_clipped_model_output: bool = False,
         solver: str = "ddim",
+        final_sigmas_type: str = "zero",
     ):
         opts = resolve_sampling_options(
             protector, schedule, num_inference_steps=num_inference_steps, eta=eta, scale=scale,
             alpha=alpha, mode=mode, solver=solver,
             use_clipped_model_output=use_clipped_model_output, guidance_range=guidance_range,
+            final_sigmas_type=final_sigmas_type,
         )  # fmt: skip
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
@@ -113,6 +117,7 @@ class CPSampler:
         self.schedule = schedule
         self.num_inference_steps = num_inference_steps
         self.solver = opts.solver
+        self.final_sigmas_type = opts.final_sigmas_type
         self.eta = opts.eta
         self.use_clipped_model_output = opts.use_clipped_model_output
         self.scale = opts.scale
@@ -133,7 +138,7 @@ class CPSampler:
             self._coef_table = ddim_coef_table(schedule, n, self.eta)  # [n, 6]
         else:  # multistep: its own timesteps; [n, 7] rows of the dpm_update op's `coefs`
             self.timesteps = dpm_timesteps(schedule, n)
-            self._coef_table = dpm_coef_table(schedule, n)
+            self._coef_table = dpm_coef_table(schedule, n, self.final_sigmas_type)
         # [n]: s·√(1-ᾱ_t) (DDIM) or s·σ_t in the solver's own σ_t, the seed op's scale; column 1
         # of both tables is that noise level
         self._scale_table = (self.scale * self._coef_table[:, 1]).to(torch.float32)

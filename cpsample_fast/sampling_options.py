@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .constants import SAMPLE_INDEX_LIMIT
-from .solvers import check_solver
+from .solvers import FINAL_SIGMAS_TYPES, check_solver
 from .validation import check_int, check_sampling_args, resolve_guidance_args
 
 
@@ -27,6 +27,7 @@ class SamplingOptions:
     solver: str
     use_clipped_model_output: bool
     guidance_range: tuple[int, int] | None
+    final_sigmas_type: str = "zero"
 
     def guides_at(self, t: int, has_protector: bool) -> bool:
         """Whether the protector runs at training timestep ``t`` (docs/ALGORITHM.md §3 step 5:
@@ -60,6 +61,7 @@ def resolve_sampling_options(
     solver: str,
     use_clipped_model_output: bool,
     guidance_range,
+    final_sigmas_type: str = "zero",
 ) -> SamplingOptions:
     """Check the options of ``reference_sample`` / ``CPSampler`` once; ``TypeError`` or
     ``ValueError`` naming the bad one."""
@@ -81,7 +83,18 @@ def resolve_sampling_options(
         raise ValueError(
             f"use_clipped_model_output is a DDIM option; solver={solver!r} uses x̂0 only"
         )
+    if final_sigmas_type not in FINAL_SIGMAS_TYPES:
+        raise ValueError(
+            f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES} (diffusers' "
+            f"DPMSolverMultistepScheduler option), got {final_sigmas_type!r}"
+        )
+    if solver == "ddim" and final_sigmas_type != "zero":
+        raise ValueError(
+            f"final_sigmas_type={final_sigmas_type!r} is a DPM-Solver++ option; DDIM ends at "
+            "the schedule's final_alpha_cumprod (set_alpha_to_one)"
+        )
     return SamplingOptions(
+        final_sigmas_type=final_sigmas_type,
         scale=float(scale),
         alpha=float(alpha),
         eta=float(eta),

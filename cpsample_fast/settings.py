@@ -28,7 +28,7 @@ import torch
 SETTINGS_FORMAT = "cpsample-guidance-settings/1"
 SAMPLER_KEYS = ("mode", "alpha", "scale", "guidance_range", "num_inference_steps", "eta")
 # Optional keys, with the value files written before them mean.
-SAMPLER_DEFAULTS = {"solver": "ddim"}
+SAMPLER_DEFAULTS = {"solver": "ddim", "final_sigmas_type": "zero"}
 
 
 def module_sha256(module) -> str:
@@ -72,6 +72,7 @@ def _check_sampler(d: Mapping[str, Any]) -> dict:
         "num_inference_steps": int(d["num_inference_steps"]),
         "eta": float(d["eta"]),
         "solver": str(d.get("solver", SAMPLER_DEFAULTS["solver"])),
+        "final_sigmas_type": str(d.get("final_sigmas_type", SAMPLER_DEFAULTS["final_sigmas_type"])),
     }
 
 

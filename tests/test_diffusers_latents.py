@@ -99,4 +99,5 @@ def test_cli_train_protector_with_vae(tmp_path):
     # a second run reuses the cached latents and resumes the finished training
     assert cli.main(parser.parse_args(argv)) == 0
     bad = ["--data", "digits", "--n", "6", "--vae", str(tmp_path / "nope"), "--out", str(out)]
-    assert cli.main(parser.parse_args(bad)) == 2
+    with pytest.raises(FileNotFoundError, match="--vae: no config.json"):  # cli/__main__: exit 2
+        cli.main(parser.parse_args(bad))

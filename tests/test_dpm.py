@@ -106,6 +106,37 @@ def test_unguided_equals_diffusers_loop(prediction, spacing, n):
     assert _rel(fast, want) <= 1e-5
 
 
+@pytest.mark.parametrize("n", [6, 16])  # 16: the last step stays second order with sigma_min
+@pytest.mark.parametrize("guided", [False, True])
+def test_final_sigmas_type_sigma_min_equals_diffusers(n, guided):
+    """``final_sigmas_type="sigma_min"`` as diffusers: the last step lands on σ at t = 0 (and is
+    first order only below 15 steps), unguided against diffusers' loop and guided against
+    diffusers' scheduler wrapped by ProtectedScheduler; every loop differs from "zero"."""
+    from cpsample_fast.diffusers import ProtectedScheduler
+
+    unet = tiny_unet()
+    sched = NoiseSchedule.linear(1000, clip_sample=False)
+    x_T = torch.randn(3, C, H, H, generator=torch.Generator().manual_seed(n))
+    eps = DiffusersEpsModel(unet)
+    prot = LinearProtector(k=2.0) if guided else None
+    kw = dict(scale=30.0, alpha=0.2, mode="repel") if guided else {}
+    dpm = _dpm_scheduler(sched, final_sigmas_type="sigma_min")
+    want = _diffusers_loop(unet, ProtectedScheduler(dpm, prot, **kw) if guided else dpm, n,
+                           x_T.clone())  # fmt: skip
+    opts = dict(num_inference_steps=n, solver="dpmsolver++", final_sigmas_type="sigma_min", **kw)
+    ref = cps.reference_sample(eps, prot, sched, x_T.shape, noise=x_T, **opts)
+    zero = cps.reference_sample(eps, prot, sched, x_T.shape, noise=x_T,
+                                **{**opts, "final_sigmas_type": "zero"})  # fmt: skip
+    tol = 1e-4 if guided else 1e-5
+    assert _rel(ref, want) <= tol
+    assert _rel(zero, want) > 5 * max(_rel(ref, want), 1e-7)  # the option changes the result
+    for backend in ("torch", "cpp"):
+        if backend not in ops.available_backends("cpu"):
+            continue
+        fast = cps.CPSampler(eps, prot, sched, backend=backend, **opts).sample(x_T.shape, noise=x_T)
+        assert _rel(fast, want) <= tol, backend
+
+
 def test_guided_equals_protected_diffusers_scheduler():
     """Guided dpmsolver++ == diffusers' DPMSolverMultistepScheduler wrapped by the package's
     ProtectedScheduler (branch `diffusers`), with a gate open on part of the batch."""
@@ -296,6 +327,12 @@ def test_bad_input_clear_errors():
     with pytest.raises(ValueError, match="use_clipped_model_output"):
         cps.CPSampler(eps, None, sched, num_inference_steps=5, solver="dpmsolver++",
                       use_clipped_model_output=True)  # fmt: skip
+    with pytest.raises(ValueError, match="final_sigmas_type must be one of"):
+        cps.CPSampler(eps, None, sched, num_inference_steps=5, solver="dpmsolver++",
+                      final_sigmas_type="min")  # fmt: skip
+    with pytest.raises(ValueError, match="final_sigmas_type='sigma_min' is a DPM-Solver"):
+        cps.reference_sample(eps, None, sched, (1, C, H, H), num_inference_steps=5,
+                             final_sigmas_type="sigma_min")  # fmt: skip
     coefs = solvers.dpm_coef_table(sched, 5)[1]
     x = torch.zeros(1, 2, 2, 2)
     with pytest.raises(ValueError, match=r"dpm_update: coefs must have shape \[7\]"):
@@ -387,3 +424,20 @@ def test_cuda_backends_and_cuda_graphs_equal_cpu_reference():
     first = graphs.sample(x_T.shape, noise=x_T)
     again = graphs.sample(x_T.shape, noise=x_T)  # replays: the multistep state is a tensor
     assert _rel(first, ref) <= 1e-5 and torch.equal(first, again)
+
+
+def test_cli_final_sigmas_type(tmp_path, capsys):
+    """`cpsample sample --final-sigmas-type`: refused with DDIM (one line, exit 2, the option
+    named), recorded in sample.json with dpmsolver++."""
+    from cpsample_fast.cli.__main__ import main as cli_main
+
+    base = ["sample", "--model", "digits", "--num-samples", "2", "--steps", "3",
+            "--final-sigmas-type", "sigma_min"]  # fmt: skip
+    assert cli_main([*base, "--out", str(tmp_path / "ddim")]) == 2
+    assert "final_sigmas_type='sigma_min' is a DPM-Solver++ option" in capsys.readouterr().err
+    out = tmp_path / "dpm"
+    assert cli_main([*base, "--solver", "dpmsolver++", "--out", str(out)]) == 0
+    import json
+
+    result = json.loads((out / "sample.json").read_text())
+    assert result["solver"] == "dpmsolver++" and result["final_sigmas_type"] == "sigma_min"

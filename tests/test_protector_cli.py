@@ -12,9 +12,11 @@ from cpsample_fast.protector import load_protector, verify_protector
 
 
 def _run(argv):
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    return cli.main(parser.parse_args(argv))
+    """``cpsample train-protector ARGV`` through the top-level entry point, whose one handler
+    turns bad input into one line on stderr and exit status 2."""
+    from cpsample_fast.cli.__main__ import main
+
+    return main(["train-protector", *argv])
 
 
 def test_digits_writes_checkpoint_report_and_plot(tmp_path, capsys):

@@ -23,7 +23,7 @@ from ..distributed import audit_record, merge_run, run_sharded
 from ..guidance import MODES
 from ..models.loading import load_eps_model
 from ..ops import BACKENDS
-from ..solvers import SOLVERS
+from ..solvers import FINAL_SIGMAS_TYPES, SOLVERS
 from . import _args as A
 
 OUTPUTS = ("npz", "shards", "images")
@@ -66,6 +66,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=SOLVERS,
         help="ddim (default) or dpmsolver++ (diffusers' DPM-Solver++(2M); needs --eta 0 and "
         "--steps >= 2; reaches DDIM-50's quality in fewer steps)",
+    )
+    p.add_argument(
+        "--final-sigmas-type",
+        default="zero",
+        choices=FINAL_SIGMAS_TYPES,
+        help="dpmsolver++ only, as diffusers: the last step lands on sigma 0 (zero, default) or "
+        "on sigma at t = 0 (sigma_min)",
     )
     p.add_argument("--mode", default="repel", choices=MODES)
     p.add_argument("--seed", type=A.seed, default=0, help="noise seed in [0, 2**64)")
@@ -222,6 +229,7 @@ def _load_sampler(args, device):
         compile=args.compile,
         use_clipped_model_output=args.use_clipped_model_output,
         solver=args.solver,
+        final_sigmas_type=args.final_sigmas_type,
     )
     return eps_model, protector, t2i, sampler
 
@@ -237,6 +245,7 @@ def _write_result(args, out: Path, sampler, info, device, run: str, stats: dict)
         "steps": args.steps,
         "eta": args.eta,
         "solver": args.solver,
+        "final_sigmas_type": args.final_sigmas_type,
         "scale": sampler.scale,
         "alpha": args.alpha,
         "mode": args.mode,
@@ -301,6 +310,7 @@ def _apply_settings(args, eps_model, protector, protector_meta) -> None:
         s["guidance_range"],
         s["solver"],
     )
+    args.final_sigmas_type = s["final_sigmas_type"]
 
 
 def _file_stamp(path: Path) -> list:
@@ -326,6 +336,8 @@ def _manifest(args, shape_chw) -> dict:
         manifest["use_clipped_model_output"] = True
     if args.solver != "ddim":  # absent for DDIM: runs written before --solver still resume
         manifest["solver"] = args.solver
+    if args.final_sigmas_type != "zero":
+        manifest["final_sigmas_type"] = args.final_sigmas_type
     for k in ("model", "protector"):
         value = getattr(args, k)
         if value and Path(value).exists():

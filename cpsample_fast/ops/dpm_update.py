@@ -12,67 +12,37 @@ from __future__ import annotations
 
 import torch
 
-from ..constants import PREDICTION_TYPE_IDS, prediction_type_id
 from ..solvers import NUM_DPM_COEFS
-from . import _backends, _torch
+from . import _torch
 from . import _triton as _triton_impl
-from ._backends import _BUILD_HINT, BACKENDS, resolve_backend
-from ._guided_update_op import _check_like_x, _check_small
-
-
-def _renamed(fn, *args):
-    """Run an argument check of ``guided_update`` with this op's name in its message."""
-    try:
-        fn(*args)
-    except (TypeError, ValueError) as err:
-        raise type(err)(str(err).replace("guided_update:", "dpm_update:", 1)) from None
+from ._backends import resolve_backend
+from ._checks import (
+    backend_table,
+    check_like_x,
+    check_options,
+    check_small,
+    check_x,
+    prediction_id,
+    row_major,
+)
 
 
 def check_dpm_update_args(
     x, model_out, guidance, x0_prev, coefs, prediction_type, clip_sample, backend
 ) -> None:
     """Validate the op's arguments; raise ``TypeError``/``ValueError`` naming the bad one."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"dpm_update: x must be a tensor, got {type(x).__name__}")
-    if x.dtype != torch.float32:
-        raise TypeError(f"dpm_update: x must be float32, got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("dpm_update: x must have a batch dimension [B, ...], got a 0-d tensor")
-    _renamed(_check_like_x, model_out, "model_out", x, False)
+    op = "dpm_update"
+    check_x(op, x)
+    check_like_x(op, model_out, "model_out", x)
     if guidance is not None:
-        _renamed(_check_like_x, guidance, "guidance", x, False)
-    _renamed(_check_like_x, x0_prev, "x0_prev", x, False)
-    _renamed(
-        _check_small, coefs, "coefs", torch.float32, NUM_DPM_COEFS, x,
-        "(alpha_s, sigma_s, A, B, C, R, clip_range)",
-    )  # fmt: skip
-    if isinstance(prediction_type, bool) or not isinstance(prediction_type, int):
-        raise TypeError(f"dpm_update: prediction_type must be an int, got {prediction_type!r}")
-    if prediction_type not in PREDICTION_TYPE_IDS.values():
-        raise ValueError(
-            "dpm_update: prediction_type must be 0 (epsilon), 1 (v_prediction) or 2 (sample), "
-            f"got {prediction_type}"
-        )
-    if not isinstance(clip_sample, bool):
-        raise TypeError(f"dpm_update: clip_sample must be a bool, got {clip_sample!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"dpm_update: backend must be one of {BACKENDS}, got {backend!r}")
+        check_like_x(op, guidance, "guidance", x)
+    check_like_x(op, x0_prev, "x0_prev", x)
+    check_small(op, coefs, "coefs", torch.float32, NUM_DPM_COEFS, x,
+                "(alpha_s, sigma_s, A, B, C, R, clip_range)")  # fmt: skip
+    check_options(op, prediction_type, clip_sample, backend)
 
 
-def _run_ext(x, model_out, guidance, x0_prev, coefs, prediction_type, clip_sample):
-    ext = _backends.get_ext()
-    if ext is None or not hasattr(ext, "dpm_update"):
-        raise RuntimeError(f"cpsample_fast._C is not built (or predates dpm_update); {_BUILD_HINT}")
-    out, x0 = ext.dpm_update(x, model_out, guidance, x0_prev, coefs, prediction_type, clip_sample)
-    return out, x0
-
-
-_IMPLS = {
-    "torch": _torch.dpm_update,
-    "triton": _triton_impl.dpm_update,
-    "cpp": _run_ext,
-    "cuda": _run_ext,
-}
+_IMPLS = backend_table(_torch.dpm_update, _triton_impl.dpm_update, "dpm_update")
 
 
 @torch.library.custom_op(
@@ -85,8 +55,7 @@ _IMPLS = {
 )
 def _dpm_update_op(x, model_out, guidance, x0_prev, coefs, prediction_type, clip_sample, backend):
     # Checked once by the wrapper (eager) or the fake (tracing); the body trusts its arguments.
-    x, model_out, x0_prev = x.contiguous(), model_out.contiguous(), x0_prev.contiguous()
-    guidance = None if guidance is None else guidance.contiguous()
+    x, model_out, guidance, x0_prev = row_major(x, model_out, guidance, x0_prev)
     impl = _IMPLS[resolve_backend(backend, x.device)]
     return impl(x, model_out, guidance, x0_prev, coefs, prediction_type, clip_sample)
 
@@ -161,11 +130,7 @@ def dpm_update(
     Returns:
         ``(x_{t'}, x0)``: float32 ``[B, ...]``; ``x0`` is the next step's ``x0_prev``.
     """
-    if isinstance(prediction_type, str):
-        try:
-            prediction_type = prediction_type_id(prediction_type)
-        except ValueError as err:
-            raise ValueError(f"dpm_update: {err}") from None
+    prediction_type = prediction_id("dpm_update", prediction_type)
     check_dpm_update_args(
         x, model_out, guidance, x0_prev, coefs, prediction_type, clip_sample, backend
     )
