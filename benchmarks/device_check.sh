@@ -73,12 +73,13 @@ elapsed() { echo $(( $(date +%s) - START )); }
 # GPU (one H200, measured nowhere yet, so generous where a hang would cost little):
 #   build: nvcc for one arch + the torch binding with 16 jobs; cuda-tests: ~15 tests, the first
 #   Triton launches compile; bench-sampler-eager: four eager providers and a float64 baseline of
-#   4 samples; bench-sampler-compiled: each torch.compile of the 35M step is ~1 min, so it goes
+#   4 samples; bench-matched: the demo's tiny digits UNet, protected DDIM-50 vs the quality-matched
+#   DPM-Solver++ (issue 10's GPU ratio), seconds; bench-sampler-compiled: each torch.compile of the 35M step is ~1 min, so it goes
 #   last and keeps whatever rows it finished.
 if [ "$DRY" = 1 ]; then
-  PLAN=(preflight:20 build:20 cuda-tests:40 triton-tests:70 bench-update:40 bench-sampler-eager:90 bench-sampler-compiled:180)
+  PLAN=(preflight:20 build:20 cuda-tests:40 triton-tests:70 bench-update:40 bench-sampler-eager:90 bench-matched:30 bench-sampler-compiled:150)
 else
-  PLAN=(preflight:20 build:150 ext-check:15 cuda-tests:60 triton-tests:40 bench-update:35 bench-sampler-eager:50 bench-sampler-compiled:90)
+  PLAN=(preflight:20 build:140 ext-check:15 cuda-tests:50 triton-tests:40 bench-update:35 bench-sampler-eager:50 bench-matched:20 bench-sampler-compiled:90)
 fi
 declare -A LIMIT
 TOTAL=$RESERVE
@@ -172,6 +173,9 @@ if [ "$DRY" = 1 ]; then
   run_stage bench-sampler-eager "tiny config, eager providers" \
     "$PY" -m cpsample_fast bench --device cpu --quick --suite sampler --accuracy-batch 2 \
     --out "$OUTDIR" --providers "${EAGER[@]}"
+  run_stage bench-matched "quality-matched DDIM-50 vs DPM-Solver++, batch 8" \
+    "$PY" -m cpsample_fast bench --device cpu --quick --suite matched --repeats 1 --warmup 0 \
+    --out "$OUTDIR"
   run_stage bench-sampler-compiled "tiny config, compiled provider" \
     "$PY" -m cpsample_fast bench --device cpu --quick --suite sampler --accuracy-batch 2 \
     --steps 2 --repeats 1 --out "$OUTDIR" --providers reference fused+compile
@@ -189,6 +193,8 @@ else
   run_stage bench-sampler-eager "35M UNet, batch 64, ${STEPS} steps, eager providers" \
     "$PY" -m cpsample_fast bench --device cuda --config gpu35m --suite sampler --steps "$STEPS" \
     --repeats 3 --accuracy-batch 4 --out "$OUTDIR" --providers "${EAGER[@]}"
+  run_stage bench-matched "digits UNet: DDIM-50 vs quality-matched DPM-Solver++, batch 128" \
+    "$PY" -m cpsample_fast bench --device cuda --suite matched --repeats 3 --out "$OUTDIR"
   run_stage bench-sampler-compiled "35M UNet, compiled providers (rows kept as measured)" \
     "$PY" -m cpsample_fast bench --device cuda --config gpu35m --suite sampler --steps "$STEPS" \
     --repeats 3 --accuracy-batch 4 --out "$OUTDIR" --providers "${COMPILED[@]}"

@@ -145,6 +145,19 @@ def _update_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _matched_table(rows: list[dict]) -> list[str]:
+    """Images/s of protected DDIM-50 and the quality-matched DPM-Solver++ and their ratio."""
+    matched = [r for r in rows if r["op"] == "sample_matched" and r["metric"] == "images_per_s"]
+    if not matched:
+        return ["quality matched: no rows"]
+    ddim = [float(r["median"]) for r in matched if r["provider"].startswith("ddim-")]
+    lines = [f"{'quality matched':<16} {'img/s':>9} {'x DDIM':>7}"]
+    for r in matched:
+        ratio = float(r["median"]) / ddim[-1] if ddim else float("nan")
+        lines.append(f"{r['provider']:<16} {float(r['median']):>9.1f} {ratio:>7.2f}")
+    return lines
+
+
 def summary(out: Path) -> int:
     """Write status.json and summary.txt; print the short table (the script's last output)."""
     stages = _stages(out)
@@ -159,7 +172,7 @@ def summary(out: Path) -> int:
         f"(limit {s['limit_s']}s) {s['note']}"
         for s in stages
     ]
-    lines += [""] + _sampler_table(rows) + [""] + _update_table(rows)
+    lines += [""] + _sampler_table(rows) + [""] + _matched_table(rows) + [""] + _update_table(rows)
     text = "\n".join(lines)
     (out / "summary.txt").write_text(text + "\n", encoding="utf-8")
     status = {
