@@ -349,8 +349,8 @@ def test_protector_channel_mismatch_and_resolution_warning(tmp_path, capsys, wri
         args[args.index("--protector") + 1] = str(prot / "protector")
         assert cli_main(args) == code
     err = capsys.readouterr().err
-    assert "--protector takes 3-channel images, but --model makes 1-channel samples" in err
-    assert "--protector was trained on 8×8 images, the samples are 16×16" in err
+    assert "--protector has in_channels=3, but the samples have 1 channels" in err
+    assert "--protector has resolution=8 (trained on 8×8 images), but the samples are 16×16" in err
 
 
 def test_nan_in_explicit_noise_is_named(assets):

@@ -23,6 +23,7 @@ from ..distributed import audit_record, merge_run, run_sharded
 from ..guidance import MODES
 from ..models.loading import load_eps_model
 from ..ops import BACKENDS
+from ..protector.fit import check_protector_fits
 from ..solvers import FINAL_SIGMAS_TYPES, SOLVERS
 from . import _args as A
 
@@ -152,7 +153,9 @@ def _run(args, info, device) -> int:
     eps_model, protector, t2i, sampler = _load_sampler(args, device)
     shape_chw = sample_shape(eps_model)
     if protector is not None:
-        check_protector_fits(protector, shape_chw)
+        check_protector_fits(
+            protector, shape_chw, name="--protector", resolution="warn", warn=_warn
+        )
     manifest = new_manifest(_manifest(args, shape_chw), args.num_samples, args.batch_size)
 
     def sample_batch(start: int, size: int) -> dict[str, torch.Tensor]:
@@ -272,27 +275,6 @@ def _write_result(args, out: Path, sampler, info, device, run: str, stats: dict)
 
 def _warn(message: str) -> None:
     print(f"cpsample sample: warning: {message}", file=sys.stderr)
-
-
-def check_protector_fits(protector, shape_chw: tuple[int, int, int]) -> None:
-    """The protector must take the eps-model's channels; another resolution only warns.
-
-    Raises:
-        ValueError: naming --protector, when the channel counts differ.
-    """
-    c, h, w = shape_chw
-    want_c = getattr(protector, "in_channels", None)
-    if want_c is not None and int(want_c) != c:
-        raise ValueError(
-            f"--protector takes {want_c}-channel images, but --model makes {c}-channel samples "
-            f"({c}×{h}×{w}); train the protector on images like the model's"
-        )
-    res = getattr(protector, "resolution", None)
-    if res is not None and int(res) != max(h, w):
-        _warn(
-            f"--protector was trained on {res}×{res} images, the samples are {h}×{w}: its "
-            "confidence on them may mean nothing"
-        )
 
 
 def _apply_settings(args, eps_model, protector, protector_meta) -> None:

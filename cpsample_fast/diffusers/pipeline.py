@@ -19,6 +19,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from ..integrations.diffusers import DiffusersEpsModel
+from ..protector.fit import check_protector_fits as _check_fits
 from ..protector.model import ProtectorNet
 from ..sampler import CPSampler
 from ..schedule import NoiseSchedule
@@ -32,20 +33,16 @@ def _unwrap(scheduler):
 
 
 def check_protector_fits(protector, channels: int, size) -> None:
-    """Clear error when a protector's declared channels/resolution do not match the samples."""
-    pc = getattr(protector, "in_channels", None)
-    if isinstance(pc, int) and pc != channels:
-        raise ValueError(
-            f"protector has in_channels={pc}, but the UNet's samples have {channels} channels "
-            "(a latent protector must be trained on the VAE latents the UNet sees)"
-        )
-    pr = getattr(protector, "resolution", None)
-    if isinstance(pr, int) and size is not None:
-        hw = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-        if any(s != pr for s in hw):
-            raise ValueError(
-                f"protector has resolution={pr}, but the UNet's samples are {hw[0]}x{hw[1]}"
-            )
+    """``protector.fit.check_protector_fits`` for a UNet's samples: ``channels`` and its
+    ``sample_size`` (an int, an ``(H, W)`` pair, or None when unknown)."""
+    hw = (
+        (None, None)
+        if size is None
+        else tuple(size)
+        if isinstance(size, (tuple, list))
+        else (size, size)
+    )
+    _check_fits(protector, (channels, *hw))
 
 
 def _fast_path_ok(scheduler) -> bool:

@@ -45,6 +45,7 @@ import torch
 from ..constants import PREDICTION_TYPES
 from ..guidance import check_alpha, mode_id, vjp_seed
 from ..model_caller import ModelCaller
+from ..protector.fit import check_protector_fits
 from ..trace import SamplingTrace
 
 # scheduler class name -> where its sample lives (see the module docstring)
@@ -266,7 +267,7 @@ class ProtectedScheduler:
                 (t_int, nan, nan, torch.zeros(B, dtype=torch.bool, device=nan.device))
             )
             return inner.step(model_output, timestep, sample, *args, **kwargs)
-        _check_fits(self._protector, sample)
+        check_protector_fits(self._protector, tuple(sample.shape[1:]))
         x_t, sa, s1 = self._coefficients(timestep, sample)
         C = sample.shape[1]
         extra = None
@@ -343,22 +344,6 @@ class ProtectedScheduler:
         res.prev_sample = moved(res.prev_sample, k)
         res.pred_original_sample = moved(res.pred_original_sample, 1.0)
         return res
-
-
-def _check_fits(protector, sample) -> None:
-    """A protector that declares its input (ProtectorNet) must match the samples it guards."""
-    pc = getattr(protector, "in_channels", None)
-    pr = getattr(protector, "resolution", None)
-    if isinstance(pc, int) and pc != sample.shape[1]:
-        raise ValueError(
-            f"protector has in_channels={pc}, but the samples have {sample.shape[1]} channels "
-            "(a latent protector must be trained on the latents the UNet sees)"
-        )
-    if isinstance(pr, int) and tuple(sample.shape[-2:]) != (pr, pr):
-        raise ValueError(
-            f"protector has resolution={pr}, but the samples are "
-            f"{sample.shape[-2]}x{sample.shape[-1]}"
-        )
 
 
 def _to_prediction(pred, x0, eps, xt, sa, s1):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..guidance import check_alpha, gate
+from ..protector.fit import check_protector_fits
 from ..validation import check_protector_output
 
 # Default timestep at which finished samples are scored: 0, the smallest training timestep (the
@@ -115,25 +116,6 @@ def _image_shape_of(eps_model) -> tuple[int, int, int] | None:
         return sample_shape(eps_model)
     except ValueError:
         return None
-
-
-def check_protector_shape(protector, image_shape, *, device=None) -> None:
-    """Probe ``protector`` with one image of ``image_shape``; a clear error if it cannot take it.
-
-    Raises:
-        ValueError: naming the protector and the expected shape.
-    """
-    x = torch.zeros((1, *image_shape), device=device)
-    t = torch.zeros((1,), dtype=torch.int64, device=device)
-    try:
-        with torch.no_grad():
-            f = protector(x, t)
-        check_protector_output(f, 1, None, None)
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
-        raise ValueError(
-            f"protector does not match the model's image shape {tuple(image_shape)} (C, H, W): "
-            f"a probe batch [1, {', '.join(map(str, image_shape))}] failed with: {err}"
-        ) from None
 
 
 def _check_rejection_args(
@@ -233,7 +215,7 @@ def rejection_sample(
     )
     if device is None:
         device = sampler._default_device(None)
-    check_protector_shape(protector, sample_shape, device=device)
+    check_protector_fits(protector, sample_shape, probe=True, device=device)
 
     kept, kept_idx, all_logits = [], [], []
     drawn = n_acc = 0
