@@ -97,12 +97,21 @@ def test_demo_small(tmp_path, capsys):
     rej = report["rejection"]
     assert rej["n_drawn"] == 66 and rej["model_evaluations"] == 66 * 50
     assert report["cost"]["cpsample"]["model_evaluations_per_image"] == 50
+    # The fast column: DPM-Solver++ at its shipped quality-matched settings, 10 model
+    # evaluations per image, still cutting most copies on these unseen seeds.
+    assert report["setting"]["sources"]["fast_settings"].endswith("identity verified)")
+    assert s["cpsample_dpm_sampler"] == "DPM-Solver++-10"
+    assert report["cost"]["cpsample_dpm"]["model_evaluations_per_image"] == 10
+    assert s["cpsample_dpm_replication_cut"] >= 0.8
+    assert "CPSample DPM-10" in printed and "fewer steps: DPM-Solver++-10" in printed
+    assert (out / "samples_cpsample_dpm.npz").is_file()
     assert report["membership"]["eps"]["threat_model"] == "eps"
     assert report["membership"]["eps_hat"]["threat_model"] == "eps_hat"
     for name in (
         "samples.png",
         "nearest_pairs_ddim.png",
         "nearest_pairs_cpsample.png",
+        "nearest_pairs_cpsample_dpm.png",
         "membership_roc.png",
         "confidence_trace.png",
         "protector_accuracy.png",

@@ -31,6 +31,8 @@ from pathlib import Path
 # (cps.tune_guidance; scripts/tune_demo_guidance.py writes this file, with the search table and
 # the held-out re-score inside).
 GUIDANCE_SETTINGS = "digits_guidance.json"
+# The quality-matched DPM-Solver++ settings (scripts/dpm_quality_match.py): the demo's fast column.
+FAST_SETTINGS = "digits_guidance_dpm.json"
 # Used only when the settings file is missing (e.g. a checkout without assets).
 FALLBACK_SCALE = 225.0
 FALLBACK_ALPHA = 0.3
@@ -152,6 +154,7 @@ class DemoResult:
     membership_eps_hat: object
     guided_steps: int
     times: dict = field(default_factory=dict)
+    fast: dict | None = None  # CPSampler options of the "cpsample_dpm" column (None: not run)
     report: dict = field(default_factory=dict)
 
     def cut_of(self, rate: float) -> float | None:
@@ -228,9 +231,25 @@ def settings_note(config: DemoConfig, eps_model, protector, pmeta) -> str:
     return f"{GUIDANCE_SETTINGS} (tuned for these models, identity verified)"
 
 
-def sample_demo(config: DemoConfig, eps_model, protector, schedule, log: Log, times: dict):
+def fast_settings(config: DemoConfig, eps_model, protector, pmeta) -> tuple[dict | None, str]:
+    """The shipped quality-matched DPM-Solver++ options when they belong to these models (else
+    None), and a note saying which."""
+    from ..settings import load_settings, sampler_kwargs
+
+    path = _assets() / FAST_SETTINGS
+    if not path.exists():
+        return None, f"no {FAST_SETTINGS}: fast column skipped"
+    if config.train:
+        return None, f"{FAST_SETTINGS} is tuned for the shipped models: fast column skipped"
+    loaded = load_settings(path, eps_model=eps_model, protector=protector, protector_meta=pmeta)
+    return sampler_kwargs(loaded), f"{FAST_SETTINGS} (quality-matched, identity verified)"
+
+
+def sample_demo(config: DemoConfig, eps_model, protector, schedule, log: Log, times: dict,
+                fast: dict | None = None):  # fmt: skip
     """``(samples, cpsample_trace, rejection or None)``: the same seeds with plain DDIM, with
-    CPSample and (unless its budget is 0) with rejection sampling at the same α."""
+    CPSample, with CPSample on DPM-Solver++ at ``fast`` (its quality-matched settings; skipped
+    when None) and (unless its budget is 0) with rejection sampling at the same α."""
     from ..sampler import CPSampler
     from .rejection import rejection_sample
 
@@ -247,6 +266,13 @@ def sample_demo(config: DemoConfig, eps_model, protector, schedule, log: Log, ti
             samples[name] = sampler.sample(shape, seed=config.seed)
         times[f"sample_{name}"] = time.perf_counter() - t0
         log(f"sampled {config.n} with {name} in {times[f'sample_{name}']:.1f}s")
+    if fast is not None:
+        t0 = time.perf_counter()
+        sampler = CPSampler(eps_model, protector, schedule, backend=config.backend, **fast)
+        samples["cpsample_dpm"] = sampler.sample(shape, seed=config.seed)
+        times["sample_cpsample_dpm"] = time.perf_counter() - t0
+        log(f"sampled {config.n} with {fast['solver']}-{fast['num_inference_steps']} in "
+            f"{times['sample_cpsample_dpm']:.1f}s")  # fmt: skip
     rej = None
     if config.budget:
         t0 = time.perf_counter()
@@ -337,12 +363,13 @@ def run_demo(config: DemoConfig, log: Log | None = None) -> DemoResult:
     schedule = NoiseSchedule()
     eps_model, protector, pmeta, sources = load_or_train_models(config, split, schedule, log)
     sources["guidance_settings"] = settings_note(config, eps_model, protector, pmeta)
+    fast, sources["fast_settings"] = fast_settings(config, eps_model, protector, pmeta)
     times["load_models"] = time.perf_counter() - t0
 
-    samples, trace, rej = sample_demo(config, eps_model, protector, schedule, log, times)
+    samples, trace, rej = sample_demo(config, eps_model, protector, schedule, log, times, fast)
     audited = audit_demo(config, split, samples, eps_model, protector, schedule, times)
     result = DemoResult(config=config, sources=sources, samples=samples, trace=trace,
                         rejection=rej, guided_steps=guided_steps(schedule, config), times=times,
-                        **audited)  # fmt: skip
+                        fast=fast, **audited)  # fmt: skip
     write_demo_outputs(result, split, pmeta, t_all)
     return result

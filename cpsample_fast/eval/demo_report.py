@@ -45,6 +45,9 @@ def save_demo_plots(result, split, pmeta: dict) -> None:
         "plain DDIM": samples["ddim"],
         f"CPSample (s={c.scale:g}, α={c.alpha:g}, {c.mode})": samples["cpsample"],
     }
+    if "cpsample_dpm" in samples:
+        grids[f"CPSample, {_fast_name(result)} (s={result.fast['scale']:g}, "
+              f"α={result.fast['alpha']:g})"] = samples["cpsample_dpm"]  # fmt: skip
     if "rejection" in samples:
         grids[f"rejection (α={c.alpha:g}, {rej.n_accepted} kept)"] = samples["rejection"]
     save_image_grids(grids, out / "samples.png")
@@ -75,6 +78,10 @@ def _cost_points(result) -> dict:
         "ddim": (float(c.steps), 0.0),
         "cpsample": (float(c.steps), result.cut_of(result.replication["cpsample"].rate(P)) or 0.0),
     }
+    if "cpsample_dpm" in result.samples:
+        rate = result.replication["cpsample_dpm"].rate(P)
+        points["cpsample_dpm"] = (float(result.fast["num_inference_steps"]),
+                                  result.cut_of(rate) or 0.0)  # fmt: skip
     if "rejection" in result.samples and result.replication["ddim"].rate(P):
         points["rejection"] = (rej.evals_per_accepted,
                                result.cut_of(result.replication["rejection"].rate(P)))  # fmt: skip
@@ -93,6 +100,10 @@ def _cost(result) -> dict:
             "note": "each guided step also runs the protector forward + one input-gradient VJP",
         },
     }
+    if result.fast is not None:
+        steps = result.fast["num_inference_steps"]
+        cost["cpsample_dpm"] = {"model_evaluations_per_image": steps,
+                                "protector_evaluations_per_image": steps}  # fmt: skip
     if rej is not None:
         kept = rej.n_accepted
         cost["rejection"] = {
@@ -127,6 +138,17 @@ def demo_summary(result, cost: dict) -> dict:
         "membership_eps_hat_abs_z": result.membership_eps_hat.abs_z,
         "membership_eps_auc_two_sided": result.membership_eps.auc_two_sided,
     }
+    if "cpsample_dpm" in result.samples:
+        summary.update({
+            "cpsample_dpm_sampler": _fast_name(result),
+            "cpsample_dpm_replication_rate": reps["cpsample_dpm"].rate(P),
+            "cpsample_dpm_replication_cut": result.cut_of(reps["cpsample_dpm"].rate(P)),
+            "cpsample_dpm_blurred_rate": blurs["cpsample_dpm"].rate(P),
+            "fd_ratio_cpsample_dpm_over_ddim": quals["cpsample_dpm"].frechet_distance
+            / max(quals["ddim"].frechet_distance, 1e-12),
+            "sampling_speedup_cpsample_dpm_over_cpsample": result.times["sample_cpsample"]
+            / max(result.times["sample_cpsample_dpm"], 1e-12),
+        })  # fmt: skip
     if rej is not None:
         kept = "rejection" in reps
         summary.update(
@@ -186,8 +208,12 @@ def _table_rows(result) -> list[tuple]:
     """The rows of the comparison table: one column per sampler, then the real digits."""
     c, rej, samples = result.config, result.rejection, result.samples
     reps, blurs, quals = result.replication, result.blurred, result.quality
-    names = ["ddim", "cpsample"] + (["rejection"] if rej is not None else [])
-    header = ["", "plain DDIM", "CPSample"] + (["rejection"] if rej is not None else [])
+    fast = "cpsample_dpm" in samples
+    names = ["ddim", "cpsample"] + (["cpsample_dpm"] if fast else [])
+    names += ["rejection"] if rej is not None else []
+    short = f"CPSample DPM-{result.fast['num_inference_steps']}" if fast else ""
+    header = ["", "plain DDIM", "CPSample"] + ([short] if fast else [])
+    header += ["rejection"] if rej is not None else []
     rows = [(*header, "real held-out")]
 
     def per(fn, real=""):
@@ -221,9 +247,14 @@ def _table_rows(result) -> list[tuple]:
                         ("  |z|", e.abs_z, h.abs_z), ("  one-sided AUC", e.auc, h.auc),
                         ("  one-sided z", e.z, h.z),
                         ("  TPR @ 1% FPR", e.tpr_at_1pct_fpr, h.tpr_at_1pct_fpr)):  # fmt: skip
-        rows.append((label, f"{a:.3f}", f"{b:.3f}", *(["(= eps)"] if rej is not None else []), ""))
+        rows.append((label, f"{a:.3f}", f"{b:.3f}", *(["-"] if fast else []),
+                     *(["(= eps)"] if rej is not None else []), ""))  # fmt: skip
     costs = [str(c.steps), f"{c.steps} (+{result.guided_steps} prot.)"]
     times_row = [f"{result.times['sample_ddim']:.1f}", f"{result.times['sample_cpsample']:.1f}"]
+    if fast:
+        k = result.fast["num_inference_steps"]
+        costs.append(f"{k} (+{k} prot.)")
+        times_row.append(f"{result.times['sample_cpsample_dpm']:.1f}")
     if rej is not None:
         costs.append(f"{rej.evals_per_accepted:.0f}" if rej.n_accepted else "inf (0 kept)")
         times_row.append(f"{result.times['sample_rejection']:.1f}")
@@ -254,6 +285,15 @@ def demo_table(result) -> str:
             f"{100 * s['heldout_real_blurred_rate']:.1f}% + 1 pt = "
             f"{100 * s['blurred_target']:.1f}%)"
         )
+    if "cpsample_dpm_replication_rate" in s:
+        lines.append(
+            f"fewer steps: {s['cpsample_dpm_sampler']}, {sources['fast_settings']}: "
+            "replication cut "
+            f"{100 * (s['cpsample_dpm_replication_cut'] or 0):.1f}%, blurred near copies "
+            f"{100 * s['cpsample_dpm_blurred_rate']:.1f}%, Fréchet ratio "
+            f"{s['fd_ratio_cpsample_dpm_over_ddim']:.2f}, sampling "
+            f"{s['sampling_speedup_cpsample_dpm_over_cpsample']:.1f}x faster than CPSample DDIM"
+        )
     if rej is not None:
         lines.append(rej.message)
     e, h = result.membership_eps, result.membership_eps_hat
@@ -264,3 +304,9 @@ def demo_table(result) -> str:
         f"total {result.times['total']:.1f}s; wrote {c.out / 'report.json'} and PNGs",
     ]
     return "\n".join(lines)
+
+
+def _fast_name(result) -> str:
+    """E.g. ``"DPM-Solver++-10"`` for the fast column."""
+    solver = {"dpmsolver++": "DPM-Solver++"}.get(result.fast["solver"], result.fast["solver"])
+    return f"{solver}-{result.fast['num_inference_steps']}"
