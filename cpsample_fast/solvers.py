@@ -75,6 +75,16 @@ def solver_timesteps(schedule, num_inference_steps: int, solver: str = "ddim") -
     return dpm_timesteps(schedule, num_inference_steps)
 
 
+def guided_step_count(schedule, num_inference_steps: int, solver: str = "ddim",
+                      guidance_range: tuple[int, int] | None = None) -> int:  # fmt: skip
+    """Protector evaluations per image: how many of the solver's timesteps lie in the inclusive
+    ``guidance_range`` (all of them without one)."""
+    ts = solver_timesteps(schedule, num_inference_steps, solver)
+    if guidance_range is None:
+        return len(ts)
+    return int(((ts >= guidance_range[0]) & (ts <= guidance_range[1])).sum())
+
+
 def dpm_timesteps(schedule, num_inference_steps: int) -> torch.Tensor:
     """``DPMSolverMultistepScheduler.set_timesteps(n).timesteps`` for this schedule, int64 ``[n]``.
 

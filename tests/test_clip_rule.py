@@ -18,6 +18,7 @@ import torch
 from cpsample_fast import CPSampler, guidance, ops
 from cpsample_fast.reference import reference_sample
 from cpsample_fast.schedule import NoiseSchedule
+from cpsample_fast.schedule_tables import ddim_coef_table
 
 SHAPE = (5, 2, 4, 6)  # odd batch, non-power-of-two sample
 BACKENDS = ops.available_backends("cpu")  # torch, cpp (when built), triton (interpreter)
@@ -179,26 +180,13 @@ def test_zero_guidance_is_diffusers_step_bit_for_bit(backend):
     diffusers = pytest.importorskip("diffusers")
     sched = diffusers.DDIMScheduler()
     sched.set_timesteps(10)
-    s = NoiseSchedule()
-    c = s.step_coefficients(10, 0.0)
+    table = ddim_coef_table(NoiseSchedule(), 10, 0.0)  # the op's coefs rows
     gen = torch.Generator().manual_seed(2)
     for k in (0, 4, 9):
         t = sched.timesteps[k]
         x = 2 * torch.randn(SHAPE, generator=gen)
         o = torch.randn(SHAPE, generator=gen)
-        coefs = torch.tensor(
-            [
-                float(c[n][k])
-                for n in (
-                    "sqrt_alpha",
-                    "sqrt_one_minus_alpha",
-                    "sqrt_alpha_prev",
-                    "dir_coef",
-                    "sigma",
-                )
-            ]
-            + [1.0]
-        )
+        coefs = table[k]
         want = sched.step(o, t, x, eta=0.0).prev_sample
         got = _update(backend, x, o, torch.zeros_like(x), None, coefs)  # a gate shut everywhere
         assert torch.equal(got, want), (backend, k)
@@ -396,20 +384,7 @@ def test_clipped_guided_step_never_raises_confidence(mode):
     n = 50
     k = list(schedule.timesteps(n).tolist()).index(500)
     t = 500
-    c = schedule.step_coefficients(n, 0.0)
-    coefs = torch.tensor(
-        [
-            float(c[name][k])
-            for name in (
-                "sqrt_alpha",
-                "sqrt_one_minus_alpha",
-                "sqrt_alpha_prev",
-                "dir_coef",
-                "sigma",
-            )
-        ]
-        + [1.0]
-    )
+    coefs = ddim_coef_table(schedule, n, 0.0)[k]
     assert float(coefs[3]) > 0.9  # the ε̂ term matters
     B = 256
     gen = torch.Generator().manual_seed(8)

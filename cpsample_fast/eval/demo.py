@@ -155,6 +155,7 @@ class DemoResult:
     guided_steps: int
     times: dict = field(default_factory=dict)
     fast: dict | None = None  # CPSampler options of the "cpsample_dpm" column (None: not run)
+    fast_guided_steps: int | None = None  # its steps that run the protector
     report: dict = field(default_factory=dict)
 
     def cut_of(self, rate: float) -> float | None:
@@ -329,13 +330,6 @@ def audit_demo(config: DemoConfig, split, samples: dict, eps_model, protector, s
     )
 
 
-def guided_steps(schedule, config: DemoConfig) -> int:
-    """How many of the sampling steps lie in the guidance range (all of them without one)."""
-    ts = schedule.timesteps(config.steps)
-    grange = config.guidance_range
-    return len(ts) if grange is None else int(((ts >= grange[0]) & (ts <= grange[1])).sum())
-
-
 def run_demo(config: DemoConfig, log: Log | None = None) -> DemoResult:
     """Run the demo end to end and write its outputs into ``config.out``.
 
@@ -349,6 +343,7 @@ def run_demo(config: DemoConfig, log: Log | None = None) -> DemoResult:
     """
     from ..models import digits_split
     from ..schedule import NoiseSchedule
+    from ..solvers import guided_step_count
     from .demo_report import write_demo_outputs
 
     config = config.checked()
@@ -369,7 +364,12 @@ def run_demo(config: DemoConfig, log: Log | None = None) -> DemoResult:
     samples, trace, rej = sample_demo(config, eps_model, protector, schedule, log, times, fast)
     audited = audit_demo(config, split, samples, eps_model, protector, schedule, times)
     result = DemoResult(config=config, sources=sources, samples=samples, trace=trace,
-                        rejection=rej, guided_steps=guided_steps(schedule, config), times=times,
-                        fast=fast, **audited)  # fmt: skip
+                        rejection=rej, times=times, fast=fast,
+                        guided_steps=guided_step_count(schedule, config.steps, "ddim",
+                                                       config.guidance_range),
+                        fast_guided_steps=fast and guided_step_count(
+                            schedule, fast["num_inference_steps"], fast["solver"],
+                            fast["guidance_range"]),
+                        **audited)  # fmt: skip
     write_demo_outputs(result, split, pmeta, t_all)
     return result

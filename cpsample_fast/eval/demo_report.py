@@ -101,9 +101,10 @@ def _cost(result) -> dict:
         },
     }
     if result.fast is not None:
-        steps = result.fast["num_inference_steps"]
-        cost["cpsample_dpm"] = {"model_evaluations_per_image": steps,
-                                "protector_evaluations_per_image": steps}  # fmt: skip
+        cost["cpsample_dpm"] = {
+            "model_evaluations_per_image": result.fast["num_inference_steps"],
+            "protector_evaluations_per_image": result.fast_guided_steps,
+        }
     if rej is not None:
         kept = rej.n_accepted
         cost["rejection"] = {
@@ -252,8 +253,7 @@ def _table_rows(result) -> list[tuple]:
     costs = [str(c.steps), f"{c.steps} (+{result.guided_steps} prot.)"]
     times_row = [f"{result.times['sample_ddim']:.1f}", f"{result.times['sample_cpsample']:.1f}"]
     if fast:
-        k = result.fast["num_inference_steps"]
-        costs.append(f"{k} (+{k} prot.)")
+        costs.append(f"{result.fast['num_inference_steps']} (+{result.fast_guided_steps} prot.)")
         times_row.append(f"{result.times['sample_cpsample_dpm']:.1f}")
     if rej is not None:
         costs.append(f"{rej.evals_per_accepted:.0f}" if rej.n_accepted else "inf (0 kept)")

@@ -16,8 +16,6 @@ host, and compiled code never recompiles per step.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import _torch
@@ -36,11 +34,6 @@ from ._checks import (
 NUM_COEFS = 6  # sa, s1, sp, d, sigma, clip_range
 NUM_RNG = 3  # seed, step, sample_offset
 _MAX_NUMEL_PER_SAMPLE = 1 << 32  # Philox counter word c0 is 32 bits
-
-# Argument checks (metadata only: no host sync, traceable by dynamo), in ``_checks.py``; these two
-# keep their old names for the callers that import them from here.
-_check_like_x = functools.partial(check_like_x, "guided_update")
-_check_small = functools.partial(check_small, "guided_update")
 
 
 def check_guided_update_args(

@@ -87,13 +87,9 @@ class CandidateSampler:
 
     def guided_steps(self, cand: Candidate) -> int:
         """Protector evaluations per image: the steps whose t lies in the guidance range."""
-        from ..solvers import solver_timesteps
+        from ..solvers import guided_step_count
 
-        grange = cand[3]
-        ts = solver_timesteps(self.schedule, self.steps_of(cand), cand[4])
-        if grange is None:
-            return len(ts)
-        return int(((ts >= grange[0]) & (ts <= grange[1])).sum())
+        return guided_step_count(self.schedule, self.steps_of(cand), cand[4], cand[3])
 
     def rejection(self, n: int, *, alpha: float, seed: int, max_draws: int):
         """The rejection-sampling baseline at ``alpha`` (``eval.rejection_sample``)."""
